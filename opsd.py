@@ -1,0 +1,408 @@
+"""opsd.py: On-Policy Self-Distillation (OPSD, arXiv 2601.18734) in plain PyTorch.
+
+One model plays two roles that differ only in their context. The student p_S(. | x) sees the problem; the
+teacher p_T(. | x, y*) also sees a reference solution y*. The student samples its own rollout y_hat; the
+teacher re-scores the same tokens in one forward pass; training minimises, on the student's own tokens,
+
+    L = E_x E_{y_hat ~ p_S} [ 1/|y_hat| sum_n D( p_T(. | x, y*, y_hat_<n) || p_S(. | x, y_hat_<n) ) ]   (Eq. 7)
+
+Owns: sampling with a KV cache, the two-context forward pass, the divergences, the training loop, the CLI.
+Leaves out: several GPUs, vLLM, LoRA, the fused memory-flat divergence, a Trainer class.
+Shapes: B rollouts, P prompt length, L completion length, V vocabulary.
+
+    python opsd.py           # the built-in demo: tiny model, synthetic task, CPU, about 7 minutes
+    python opsd.py --help    # every setting
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from data import encode, load_examples, student_prompt, teacher_prompt
+from evaluate import evaluate, extract_answer, is_equivalent
+
+
+def option(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # model, data, run
+    model: str = option("tiny/model", "base model: a local path or a hub name")
+    dataset: str = option("builtin", "'builtin' or a local JSON/JSONL/CSV/parquet file with question, solution")
+    out_dir: str = option("runs/opsd", "where metrics.jsonl and the checkpoints go")
+    resume: bool = option(False, "continue the run in out_dir from its last checkpoint")
+    seed: int = option(0, "seed of the problem order, the sampling and the initialisation")
+    # rollouts: one per problem, sampled from the student
+    batch_size: int = option(32, "problems (rollouts) per optimizer step (paper: 32)")
+    micro_batch_size: int = option(32, "rollouts per forward pass; smaller accumulates gradients")
+    max_new_tokens: int = option(40, "rollout length limit (paper: 1024)")
+    temperature: float = option(1.0, "sampling temperature; the loss divides both logits by it too (paper: 1.1)")
+    top_p: float = option(1.0, "nucleus sampling mass (paper: 0.95)")
+    top_k: int = option(0, "sample among the k likeliest tokens; 0 keeps all (paper: 20)")
+    # the objective
+    beta: float = option(0.5, "0 forward KL(p_T||p_S) (paper v3), 1 reverse KL(p_S||p_T), between: JSD_beta (v1: 0.5)")
+    clip: float | None = option(None, "cap on each per-vocabulary term of the divergence (paper v3: 0.05); none = off")
+    sampled_token: bool = option(False, "sampled-token loss: -(log p_T - log p_S)(y_n) log p_S(y_n), O(1) per token")
+    teacher_decay: float = option(1.0, "teacher = EMA of the student with this decay; 1 = initial weights (paper), 0 = current")
+    student_thinking: bool = option(False, "chat template thinking flag of the student prompt (paper's code: off)")
+    teacher_thinking: bool = option(True, "chat template thinking flag of the teacher prompt (paper's code: on)")
+    # optimisation
+    steps: int = option(700, "optimizer steps (paper: about 100)")
+    lr: float = option(1e-3, "AdamW peak learning rate, decayed linearly to 0 (paper, LoRA on Qwen3: 5e-6)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (paper: 0.1)")
+    # evaluation and checkpoints
+    eval_every: int = option(100, "evaluate student and teacher on held-out problems every this many steps")
+    eval_size: int = option(500, "held-out problems per evaluation (greedy, one completion each)")
+    save_every: int = option(100, "write a checkpoint every this many steps (and at the end)")
+
+    def __post_init__(self):
+        checks = {
+            "beta must lie in [0, 1]": 0 <= self.beta <= 1,
+            "temperature must be > 0 (rollouts are sampled)": self.temperature > 0,
+            "top_p must lie in (0, 1]": 0 < self.top_p <= 1,
+            "top_k must be >= 0": self.top_k >= 0,
+            "clip must be > 0, or none": self.clip is None or self.clip > 0,
+            "teacher_decay must lie in [0, 1]": 0 <= self.teacher_decay <= 1,
+            "lr, grad_clip must be > 0": self.lr > 0 and self.grad_clip > 0,
+            "steps, max_new_tokens, eval_every, eval_size, save_every must be > 0":
+                min(self.steps, self.max_new_tokens, self.eval_every, self.eval_size, self.save_every) > 0,
+            "batch_size must be a positive multiple of micro_batch_size":
+                self.micro_batch_size > 0 and self.batch_size > 0 and self.batch_size % self.micro_batch_size == 0,
+        }
+        problems = [message for message, ok in checks.items() if not ok]
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
+
+
+def parse_config(argv=None) -> Config:
+    """Every Config field is a flag (--help lists them); unknown flags and invalid values are errors."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        help = f.metadata["help"] + " (default: %(default)s)"
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help)
+        else:
+            kind = (lambda s: None if s.lower() == "none" else float(s)) if f.type == float | None else f.type
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help)
+    try:
+        return Config(**vars(parser.parse_args(argv)))
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def load_model(name_or_path: str):
+    """Model and tokenizer, on the best device (cuda, then mps, then cpu), bf16 where it is supported."""
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {name_or_path!r} has no eos token: rollouts could never end. Set one.")
+    if tokenizer.pad_token_id is None:  # only a filler: masks come from lengths, never from the pad id
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling: a batch of prompts of different lengths, left-padded, with a KV cache.
+
+def pad_left(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, P) with the pads on the left, so that every prompt ends in the last column, and the
+    attention mask (B, P), 0 on the pads."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> torch.Tensor:
+    """One token per row (B,) from logits (B, V): greedy at temperature 0, else temperature, top-k and top-p
+    applied in that order (as transformers does), then a draw."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth_best = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, -math.inf)
+    if top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+           top_k: int = 0, eos_token_id: int | None = None, pad_token_id: int | None = None,
+           generator: torch.Generator | None = None) -> list[list[int]]:
+    """One completion per prompt. Each ends after its first EOS (kept) or at max_new_tokens."""
+    ids, attention_mask = pad_left(prompts, pad_token_id or 0, model.device)  # (B, P)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
+    cache = DynamicCache(config=model.config)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                       logits_to_keep=1).logits[:, -1]  # (B, V)
+        ids = next_token(logits, temperature, top_p, top_k, generator)[:, None]  # (B, 1)
+        tokens.append(ids)
+        if eos_token_id is not None:
+            finished |= ids[:, 0] == eos_token_id
+            if finished.all():  # one host sync per token; it ends the loop as soon as every row is done
+                break
+        attention_mask = F.pad(attention_mask, (0, 1), value=1)
+        position_ids = position_ids[:, -1:] + 1
+    rows = torch.cat(tokens, 1).tolist()  # (B, new tokens); rows that finished early carry junk after EOS
+    return [row[:row.index(eos_token_id) + 1] if eos_token_id in row else row for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The two-context forward pass: the same completions scored after the student's and the teacher's prompts.
+
+def completion_logits(model, prompts: list[list[int]], completions: list[list[int]]):
+    """Logits (B, L, V) that predict each completion token from its prompt and the completion prefix, and
+    the mask (B, L) of real completion tokens. Row i is laid out as [pads, prompt_i, completion_i, pads]:
+    every prompt ends in column P, so completion token j sits in column P + j of every row and is predicted
+    by the logits of column P + j - 1. No pad ever sits between a prompt and its completion, so calling this
+    with student and with teacher prompts gives the same completion ids at the same offsets."""
+    P, L = max(map(len, prompts)), max(map(len, completions))
+    rows = [[0] * (P - len(p)) + p + c + [0] * (L - len(c)) for p, c in zip(prompts, completions)]
+    real = [[0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (L - len(c)) for p, c in zip(prompts, completions)]
+    ids = torch.tensor(rows, device=model.device)  # (B, P + L)
+    attention_mask = torch.tensor(real, device=model.device)  # (B, P + L)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    # logits only for columns P-1 .. P+L-1 (the prompt's own predictions are never needed); drop the last
+    logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=L + 1).logits[:, :-1]  # (B, L, V)
+    lengths = torch.tensor([len(c) for c in completions], device=model.device)
+    mask = torch.arange(L, device=model.device) < lengths[:, None]  # (B, L)
+    return logits, mask
+
+
+def pad_right(completions: list[list[int]], device) -> torch.Tensor:
+    """Completion ids (B, L), padded on the right with 0 (which the mask hides)."""
+    L = max(map(len, completions))
+    return torch.tensor([c + [0] * (L - len(c)) for c in completions], device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The divergences. Everything below is float32 (float64 when given float64) whatever the model's dtype.
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values (B, L) over the True entries of mask (B, L); 0 when there are none."""
+    return torch.where(mask, values, 0).sum() / mask.sum().clamp(min=1)
+
+
+def divergence_terms(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """The per-vocabulary terms l_{n,v} (B, L, V) whose sum over v is D(p_T || p_S) at each token."""
+    if beta == 0:  # forward KL(p_T || p_S)
+        return teacher_logp.exp() * (teacher_logp - student_logp)
+    if beta == 1:  # reverse KL(p_S || p_T)
+        return student_logp.exp() * (student_logp - teacher_logp)
+    # Eq. 9: JSD_beta = beta KL(p_T || m) + (1 - beta) KL(p_S || m), with m = beta p_T + (1 - beta) p_S
+    mixture_logp = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log(1 - beta))
+    return (beta * teacher_logp.exp() * (teacher_logp - mixture_logp)
+            + (1 - beta) * student_logp.exp() * (student_logp - mixture_logp))
+
+
+def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return F.log_softmax(logits.to(dtype) / temperature, dim=-1)
+
+
+def divergence(student_logits, teacher_logits, mask, beta=0.0, temperature=1.0, clip=None, stats=None):
+    """The per-token divergence of Eq. 7, averaged over the completion tokens in mask (B, L). beta=0 is
+    forward KL(p_T || p_S), beta=1 reverse KL(p_S || p_T), in between the generalised JSD. clip caps each
+    per-vocabulary term; a capped term passes no gradient, but the softmax normaliser still pushes it down.
+    When a dict is given as stats, it receives the unclipped divergence and the clipped teacher mass."""
+    student_logp = log_probs(student_logits, temperature)  # (B, L, V)
+    teacher_logp = log_probs(teacher_logits.detach(), temperature)  # (B, L, V): a target, never a gradient
+    terms = divergence_terms(student_logp, teacher_logp, beta)  # (B, L, V)
+    if stats is not None:
+        with torch.no_grad():
+            stats["divergence"] = masked_mean(terms.sum(-1), mask).item()
+            capped = terms > clip if clip is not None else torch.zeros_like(terms, dtype=torch.bool)
+            stats["clipped_mass"] = masked_mean((teacher_logp.exp() * capped).sum(-1), mask).item()
+    if clip is not None:
+        terms = terms.clamp(max=clip)  # v3: sum_v min(l_{n,v}, tau)
+    return masked_mean(terms.sum(-1), mask)
+
+
+def sampled_token_loss(student_logits, teacher_logits, completion_ids, mask, temperature=1.0):
+    """The sampled-token variant: advantage A_n = log p_T(y_n) - log p_S(y_n), detached, and the loss
+    -A_n log p_S(y_n). Its gradient is the reverse KL's in expectation over y_n ~ p_S. No importance
+    ratio: the tokens were sampled from the student itself (on-policy)."""
+    index = completion_ids[..., None]  # (B, L, 1)
+    student_logp = log_probs(student_logits, temperature).gather(-1, index).squeeze(-1)  # (B, L)
+    teacher_logp = log_probs(teacher_logits.detach(), temperature).gather(-1, index).squeeze(-1)  # (B, L)
+    advantage = (teacher_logp - student_logp).detach()
+    return masked_mean(-advantage * student_logp, mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder, then renamed, so that a crash never leaves half of one.
+
+def save_checkpoint(out: Path, step: int, model, teacher, tokenizer, optimizer, cfg: Config):
+    final, tmp = out / f"step_{step}", out / f"step_{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if cfg.teacher_decay < 1:  # a fixed teacher is reloaded from cfg.model
+        teacher.save_pretrained(tmp / "teacher")
+    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "state.pt")
+    (tmp / "opsd_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    (out / "latest.tmp").write_text(final.name)
+    os.replace(out / "latest.tmp", out / "latest")  # atomic: 'latest' names a complete checkpoint
+    for old in out.glob("step_*"):
+        if old != final:
+            shutil.rmtree(old)
+
+
+def evaluate_both(model, teacher, tokenizer, examples, cfg: Config) -> dict:
+    """Held-out accuracy of the student (question alone) and of the teacher (with the reference), greedy."""
+    student = evaluate(model, tokenizer, examples, False, cfg.student_thinking, max_new_tokens=cfg.max_new_tokens)
+    teacher = evaluate(teacher, tokenizer, examples, True, cfg.teacher_thinking, max_new_tokens=cfg.max_new_tokens)
+    return {"student_acc": student, "teacher_acc": teacher}
+
+
+def train(cfg: Config) -> list[dict]:
+    """Runs OPSD; returns the held-out evaluations, one dict per evaluation."""
+    t0 = time.time()
+    out = Path(cfg.out_dir)
+    if (out / "latest").exists() and not cfg.resume:
+        raise FileExistsError(f"{out} holds a run already: pass --resume to continue it, or another --out_dir")
+    checkpoint = out / (out / "latest").read_text() if cfg.resume and (out / "latest").exists() else None
+    if checkpoint:
+        saved = json.loads((checkpoint / "opsd_config.json").read_text())
+        changed = [f"--{k} ({saved[k]} there, {v} here)" for k, v in asdict(cfg).items()
+                   if k not in ("resume", "steps") and v != saved[k]]
+        if changed:
+            raise ValueError(f"{checkpoint} was trained with other settings: {', '.join(changed)}. "
+                             "Resume with the run's own settings; only --steps may change.")
+    print(json.dumps(asdict(cfg), indent=1))
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(str(checkpoint or cfg.model))
+    # The teacher is a second set of weights, never trained: the initial ones (decay 1) or an EMA.
+    from_base = cfg.teacher_decay == 1 or checkpoint is None
+    teacher = load_model(cfg.model if from_base else str(checkpoint / "teacher"))[0].requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if checkpoint:
+        state = torch.load(checkpoint / "state.pt", weights_only=True)
+        start = state["step"]
+        optimizer.load_state_dict(state["optimizer"])
+        print(f"resuming from {checkpoint} at step {start}")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    kept = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] <= start] if checkpoint else []
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))  # drop what was logged after the checkpoint
+    train_set = load_examples(cfg.dataset, "train", seed=cfg.seed)
+    test_set = load_examples(cfg.dataset, "test", cfg.eval_size, seed=cfg.seed)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    context = getattr(model.config, "max_position_embeddings", None) or math.inf
+
+    def log(row):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def evaluate_and_log(done):
+        result = {"step": done, **evaluate_both(model, teacher, tokenizer, test_set, cfg)}
+        log(result)
+        tqdm.write(f"step {done:4d}: student {result['student_acc']:.1%}, teacher {result['teacher_acc']:.1%}")
+
+    if start == 0:
+        evaluate_and_log(0)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="opsd")
+    for step in bar:
+        step_start = time.time()
+        # The problems and the sampling noise depend on (seed, step) alone, so a resumed run sees the same.
+        batch = random.Random(cfg.seed * 1_000_003 + step).sample(train_set, cfg.batch_size)
+        generator = torch.Generator(model.device).manual_seed(cfg.seed * 1_000_003 + step)
+        student_ids = [encode(student_prompt(ex, tokenizer, cfg.student_thinking), tokenizer) for ex in batch]
+        teacher_ids = [encode(teacher_prompt(ex, tokenizer, cfg.teacher_thinking), tokenizer) for ex in batch]
+        longest = max(map(len, student_ids + teacher_ids))
+        if longest + cfg.max_new_tokens > context:
+            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={cfg.max_new_tokens} exceeds the "
+                             f"model's context of {context}: lower --max_new_tokens or use shorter problems")
+
+        # 1. Sample one rollout per problem from the student, on the plain prompt.
+        model.eval()
+        completions = sample(model, student_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
+                             eos, pad, generator)
+        n_tokens = sum(map(len, completions))  # the loss is normalised by the tokens of the whole step
+        model.train()
+        totals = {"loss": 0.0, "divergence": 0.0, "clipped_mass": 0.0}
+        for i in range(0, cfg.batch_size, cfg.micro_batch_size):
+            part = slice(i, i + cfg.micro_batch_size)
+            # 2. Re-score the same tokens with the teacher: privileged context, no grad (a target, not a model
+            #    being trained).
+            with torch.no_grad():
+                teacher_logits, mask = completion_logits(teacher, teacher_ids[part], completions[part])
+            # 3. The student's logits on its own rollout, and the per-token divergence on completion tokens.
+            student_logits, mask = completion_logits(model, student_ids[part], completions[part])
+            stats = {}
+            if cfg.sampled_token:
+                completion_ids = pad_right(completions[part], model.device)
+                loss = sampled_token_loss(student_logits, teacher_logits, completion_ids, mask, cfg.temperature)
+                divergence(student_logits.detach(), teacher_logits, mask, cfg.beta, cfg.temperature, cfg.clip, stats)
+            else:
+                loss = divergence(student_logits, teacher_logits, mask, cfg.beta, cfg.temperature, cfg.clip, stats)
+            share = mask.sum().item() / n_tokens  # this micro-batch's share of the step's completion tokens
+            (loss * share).backward()
+            for key, value in (("loss", loss.item()), *stats.items()):
+                totals[key] += value * share
+        if not math.isfinite(totals["loss"]):
+            raise FloatingPointError(f"the loss is {totals['loss']} at step {step}: lower --lr or check the data")
+
+        # 4. Clip the gradient, step, and move an EMA teacher toward the student.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * (1 - step / cfg.steps)  # linear decay to zero, a function of the step alone
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.teacher_decay < 1:
+            with torch.no_grad():
+                for t, s in zip(teacher.parameters(), model.parameters()):
+                    t.lerp_(s, 1 - cfg.teacher_decay)
+
+        # 5. Log one line, and checkpoint.
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        reward = sum(is_equivalent(extract_answer(t), ex.answer) for t, ex in zip(texts, batch)) / len(batch)
+        row = {"step": step + 1, **totals, "rollout_acc": reward, "length": n_tokens / len(batch),
+               "grad_norm": grad_norm, "tokens_per_s": n_tokens / (time.time() - step_start)}
+        log(row)
+        bar.set_postfix_str(f"loss {row['loss']:.4f} div {row['divergence']:.4f} clip {row['clipped_mass']:.3f} "
+                            f"acc {reward:.0%} len {row['length']:.1f} tok/s {row['tokens_per_s']:.0f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            evaluate_and_log(step + 1)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(out, step + 1, model, teacher, tokenizer, optimizer, cfg)
+
+    evals = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "student_acc" in r]
+    print("\n  step | student, question alone | teacher, with reference")
+    for r in evals:
+        print(f"{r['step']:6d} | {r['student_acc']:23.1%} | {r['teacher_acc']:23.1%}")
+    print(f"student accuracy {evals[0]['student_acc']:.1%} -> {evals[-1]['student_acc']:.1%} on {len(test_set)} "
+          f"held-out problems (teacher with reference {evals[-1]['teacher_acc']:.1%}), {(time.time() - t0) / 60:.1f} min")
+    return evals
+
+
+if __name__ == "__main__":
+    train(parse_config())

@@ -1,0 +1,47 @@
+"""The shipped tiny model and the command lines, run as a user runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from data import builtin_examples
+from evaluate import evaluate
+from opsd import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd=ROOT):
+    done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_shipped_base_model_copies_references_but_rarely_solves_alone():
+    """The demo's premise: a wide gap between the two contexts for OPSD to close."""
+    model, tokenizer = load_model(str(ROOT / "tiny" / "model"))
+    examples = builtin_examples("test", 200)
+    assert evaluate(model, tokenizer, examples, with_reference=True, max_new_tokens=40) > 0.8
+    assert evaluate(model, tokenizer, examples, with_reference=False, max_new_tokens=40) < 0.3
+
+
+def test_evaluate_cli_on_a_local_model_and_file(model_dir, tmp_path):
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "solution": f"\\boxed{{{a}}}"}) + "\n"
+                            for q, a in [("1+1?", 2), ("2+2?", 4), ("3+3?", 6)]))
+    out = run("evaluate.py", "--model", str(model_dir), "--dataset", str(data), "--samples", "2",
+              "--temperature", "1", "--max_new_tokens", "5")
+    assert "avg@2 on 3 problems (question alone)" in out
+
+
+def test_opsd_cli_trains_and_prints_the_summary(model_dir, tmp_path):
+    out = run("opsd.py", "--model", str(model_dir), "--out_dir", str(tmp_path / "run"), "--steps", "2",
+              "--batch_size", "4", "--micro_batch_size", "2", "--max_new_tokens", "5", "--eval_size", "4")
+    assert "held-out problems (teacher with reference" in out.strip().splitlines()[-1]
+    assert (tmp_path / "run" / "latest").read_text() == "step_2"
+
+
+def test_base_model_build_command_runs(tmp_path):
+    out = run(str(ROOT / "tiny" / "build.py"), "--steps", "2", "--out", str(tmp_path / "model"), cwd=tmp_path)
+    assert "wrote" in out and (tmp_path / "model" / "config.json").exists()

@@ -1,0 +1,82 @@
+"""The sampler against transformers' generate, and the two-context forward pass against one-at-a-time."""
+
+import torch
+
+from opsd import completion_logits, next_token, sample
+
+PROMPTS = [[5, 9, 17, 40], [33, 2, 60, 61, 62, 70, 80, 12, 13], [44], [90, 91, 92, 93, 94, 95]]
+
+
+def generate_alone(model, prompt, max_new_tokens, eos_token_id):
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos_token_id, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_sample_equals_generate_on_each_prompt_alone(model):
+    # As EOS take a token that one prompt's greedy continuation reaches at its third step, so that one
+    # row stops early (and keeps its EOS) while the others run to max_new_tokens.
+    eos = generate_alone(model, PROMPTS[1], 3, None)[2]
+    expected = [generate_alone(model, p, 12, eos) for p in PROMPTS]
+    got = sample(model, PROMPTS, 12, temperature=0, eos_token_id=eos, pad_token_id=0)
+    assert got == expected
+    assert len(got[1]) <= 3 and got[1][-1] == eos
+    assert any(len(row) == 12 for row in got)
+
+
+def test_sampling_is_reproducible_with_a_generator(model):
+    def draw(seed):
+        return sample(model, PROMPTS, 10, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(model):
+    greedy = sample(model, PROMPTS, 8, temperature=0)
+    assert sample(model, PROMPTS, 8, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(0)) == greedy
+    assert sample(model, PROMPTS, 8, temperature=1.5, top_p=1e-6, generator=torch.Generator().manual_seed(0)) == greedy
+
+
+def test_next_token_keeps_only_the_top_k_and_the_top_p_mass():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(4000, 1)  # (B, V)
+    g = torch.Generator().manual_seed(0)
+    assert set(next_token(logits, 1.0, 1.0, 2, g).tolist()) == {0, 1}
+    # top_p=0.8: 0.5 + 0.3 reaches it, so tokens 2 and 3 are cut
+    assert set(next_token(logits, 1.0, 0.8, 0, g).tolist()) == {0, 1}
+    assert set(next_token(logits, 1.0, 0.81, 0, g).tolist()) == {0, 1, 2}
+    counts = torch.bincount(next_token(logits, 1.0, 1.0, 0, g), minlength=4) / 4000
+    assert torch.allclose(counts, probs, atol=0.03)
+
+
+COMPLETIONS = [[7, 8, 9], [10, 11, 12, 13, 14, 15], [16], [17, 18]]
+
+
+def test_completion_logits_line_up_with_an_unpadded_forward(model):
+    logits, mask = completion_logits(model, PROMPTS, COMPLETIONS)
+    assert logits.shape[:2] == mask.shape == (4, 6)
+    assert mask.sum(1).tolist() == [3, 6, 1, 2]
+    for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
+        with torch.no_grad():
+            alone = model(torch.tensor([p + c])).logits[0, len(p) - 1:len(p) + len(c) - 1]  # (L_i, V)
+        torch.testing.assert_close(logits[i, :len(c)], alone, atol=1e-5, rtol=1e-5)
+        single, _ = completion_logits(model, [p], [c])
+        torch.testing.assert_close(logits[i, :len(c)], single[0], atol=1e-5, rtol=1e-5)
+
+
+def test_student_and_teacher_score_the_same_completion_tokens(model):
+    """The two-context pass: different prompts, same completions, same (B, L) layout and mask."""
+    teacher_prompts = [p + [3, 4, 5] * (i + 1) for i, p in enumerate(PROMPTS)]
+    s_logits, s_mask = completion_logits(model, PROMPTS, COMPLETIONS)
+    t_logits, t_mask = completion_logits(model, teacher_prompts, COMPLETIONS)
+    assert s_logits.shape == t_logits.shape and torch.equal(s_mask, t_mask)
+    with torch.no_grad():
+        p, c = teacher_prompts[1], COMPLETIONS[1]
+        alone = model(torch.tensor([p + c])).logits[0, len(p) - 1:-1]
+    torch.testing.assert_close(t_logits[1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_completion_logits_are_finite_with_heavy_padding(model):
+    logits, _ = completion_logits(model, [[1] * 30, [2]], [[3], [4] * 20])
+    assert torch.isfinite(logits).all()

@@ -1,0 +1,119 @@
+"""The command line, the training loop, checkpoints and resuming, on a tiny random model."""
+
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import opsd
+from opsd import Config, parse_config, save_checkpoint, train
+
+
+def small_config(model_dir, out_dir, **changes) -> Config:
+    settings = dict(model=str(model_dir), out_dir=str(out_dir), steps=2, batch_size=4, micro_batch_size=4,
+                    max_new_tokens=6, eval_every=2, eval_size=4, save_every=1)
+    return Config(**{**settings, **changes})
+
+
+def weights(path):
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0)
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse_config(["--help"])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{f.name}" in text for f in fields(Config))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus", "1"], "unrecognized arguments: --bogus"),
+    (["--beta", "1.5"], "beta must lie in [0, 1]"),
+    (["--temperature", "-1"], "temperature must be > 0"),
+    (["--clip", "0"], "clip must be > 0, or none"),
+    (["--batch_size", "32", "--micro_batch_size", "5"], "multiple of micro_batch_size"),
+    (["--steps", "ten"], "invalid int value: 'ten'"),
+])
+def test_bad_settings_are_rejected_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse_config(argv)
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_settings_parse():
+    cfg = parse_config(["--clip", "none", "--beta", "0", "--no-teacher_thinking", "--steps", "7"])
+    assert (cfg.clip, cfg.beta, cfg.teacher_thinking, cfg.steps) == (None, 0.0, False, 7)
+    assert parse_config(["--clip", "0.05"]).clip == 0.05
+
+
+def test_training_writes_checkpoints_and_resumes_exactly(model_dir, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    evals = train(small_config(model_dir, straight, steps=3))
+    assert [e["step"] for e in evals] == [0, 2, 3]
+    assert (straight / "latest").read_text() == "step_3"
+    assert sorted(p.name for p in straight.iterdir()) == ["latest", "metrics.jsonl", "step_3"]
+    saved = json.loads((straight / "step_3" / "opsd_config.json").read_text())
+    assert saved["steps"] == 3 and saved["model"] == str(model_dir)
+
+    interrupted = tmp_path / "interrupted"
+
+    def save_then_crash(out, step, *args):
+        save_checkpoint(out, step, *args)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(opsd, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(model_dir, interrupted, steps=3))
+    monkeypatch.undo()
+    assert (interrupted / "latest").read_text() == "step_2"
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(small_config(model_dir, interrupted, steps=3))
+    with pytest.raises(ValueError, match=r"other settings: --lr \(0.001 there, 0.002 here\)"):
+        train(small_config(model_dir, interrupted, steps=3, resume=True, lr=2e-3))
+    train(small_config(model_dir, interrupted, steps=3, resume=True))
+    assert_same_weights(weights(interrupted / "step_3"), weights(straight / "step_3"))
+    rows = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert all(r.keys() >= {"loss", "divergence", "clipped_mass", "rollout_acc", "length", "tokens_per_s"}
+               for r in rows if "loss" in r)
+    assert not any(weights(interrupted / "step_3")[k].equal(v) for k, v in weights(model_dir).items())
+
+
+def test_gradient_accumulation_equals_one_big_batch(model_dir, tmp_path, monkeypatch):
+    """The loss is normalised by the completion tokens of the whole optimizer step, not per micro-batch.
+    Plain SGD with lr 1 turns the weight change into the gradient itself (AdamW would amplify rounding)."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    for name, micro in (("big", 4), ("small", 1)):
+        train(small_config(model_dir, tmp_path / name, steps=1, micro_batch_size=micro, lr=1.0, grad_clip=1e9))
+    big, small, start = (weights(p) for p in (tmp_path / "big" / "step_1", tmp_path / "small" / "step_1", model_dir))
+    assert_same_weights(small, big, atol=1e-6)
+    assert any((big[n] - start[n]).abs().max() > 1e-3 for n in start)
+
+
+@pytest.mark.parametrize("sampled_token", [False, True])
+def test_ema_teacher_moves_toward_the_student(model_dir, tmp_path, sampled_token):
+    train(small_config(model_dir, tmp_path, steps=1, teacher_decay=0.25, sampled_token=sampled_token, clip=0.05))
+    start, student, teacher = weights(model_dir), weights(tmp_path / "step_1"), weights(tmp_path / "step_1" / "teacher")
+    for name in start:
+        torch.testing.assert_close(teacher[name], 0.25 * start[name] + 0.75 * student[name], atol=1e-6, rtol=0)
+    assert any(not start[n].equal(student[n]) for n in start)
+
+
+def test_a_prompt_longer_than_the_context_is_an_error(model_dir, tmp_path):
+    short = AutoModelForCausalLM.from_pretrained(model_dir)
+    short.config.max_position_embeddings = 110  # the teacher prompts are about 100 tokens long
+    short.save_pretrained(tmp_path / "short")
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp_path / "short")
+    with pytest.raises(ValueError, match=r"plus max_new_tokens=20 exceeds the model's context of 110"):
+        train(small_config(tmp_path / "short", tmp_path / "run", max_new_tokens=20))
