@@ -45,3 +45,10 @@ def test_opsd_cli_trains_and_prints_the_summary(model_dir, tmp_path):
 def test_base_model_build_command_runs(tmp_path):
     out = run(str(ROOT / "tiny" / "build.py"), "--steps", "2", "--out", str(tmp_path / "model"), cwd=tmp_path)
     assert "wrote" in out and (tmp_path / "model" / "config.json").exists()
+
+
+def test_divergence_benchmark_runs_and_prints_its_table():
+    lines = run("benchmarks/divergence.py", "--quick").strip().splitlines()
+    assert "V = 32,000" in lines[0] and "CPU threads" in lines[0]
+    rows = [line for line in lines if line.startswith("cpu")]
+    assert len(rows) == 2 and all(line.count(" GB ") == 3 and "mem " in line for line in rows)

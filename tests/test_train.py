@@ -117,3 +117,23 @@ def test_a_prompt_longer_than_the_context_is_an_error(model_dir, tmp_path):
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp_path / "short")
     with pytest.raises(ValueError, match=r"plus max_new_tokens=20 exceeds the model's context of 110"):
         train(small_config(tmp_path / "short", tmp_path / "run", max_new_tokens=20))
+
+
+def test_fused_and_plain_training_take_the_same_step(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    for name, fused in (("fused", True), ("plain", False)):
+        train(small_config(model_dir, tmp_path / name, steps=1, fused=fused, beta=0.3, clip=0.05, lr=1.0,
+                           grad_clip=1e9, micro_batch_size=2))
+    assert_same_weights(weights(tmp_path / "fused" / "step_1"), weights(tmp_path / "plain" / "step_1"), atol=1e-5)
+
+
+def test_the_fused_path_is_used_only_where_logits_are_hidden_times_the_head(tokenizer):
+    from conftest import make_model
+    from opsd import logits_are_linear
+    assert logits_are_linear(make_model("llama", tokenizer)) and logits_are_linear(make_model("gpt2", tokenizer))
+    biased = make_model("llama", tokenizer)
+    biased.lm_head = torch.nn.Linear(32, len(tokenizer), bias=True)
+    assert not logits_are_linear(biased)
+    scaled = make_model("llama", tokenizer)
+    scaled.lm_head.forward = lambda h: torch.nn.functional.linear(h, scaled.lm_head.weight) * 0.5  # a logit scale
+    assert not logits_are_linear(scaled)

@@ -1,0 +1,139 @@
+"""benchmarks/divergence.py: peak memory and time of the full-vocabulary divergence, three ways.
+
+(a) eager: a TRL-style generalised JSD on materialised logits (two log-softmaxes, a stacked logsumexp
+    mixture, two F.kl_div), (b) opsd.divergence on materialised logits, (c) opsd.fused_divergence.
+Each computes forward + backward of JSD(beta=0.5) from hidden states (N, H) and an LM head (V, H), so the
+head's matmuls and its gradient (V x H, 0.6 GB at H = 1024 in float32) count for all three. Every
+measurement runs in a process of its own; memory is the peak above what the inputs took (the process's
+resident set on the CPU, torch's allocator on CUDA). A variant that would not fit is skipped and said so.
+
+    python benchmarks/divergence.py            # V = 151,936, H = 1024 and 2048, N = 512 .. 8192 (about 20 min)
+    python benchmarks/divergence.py --quick    # small sizes, a few seconds each
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from opsd import divergence, fused_divergence  # noqa: E402
+
+BETA = 0.5
+# glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in the heap, so the resident set
+# would count the fused path's freed 20 MB chunks as if alive; a fixed 1 MiB threshold returns every freed
+# tensor to the system, for all three variants alike, and the resident set follows the live tensors.
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def eager_jsd(student_logits, teacher_logits, mask, beta=BETA):
+    """The generalised JSD as trainers built on TRL's GKD compute it: every step materialises (N, V)."""
+    student_logp = F.log_softmax(student_logits.float(), -1)
+    teacher_logp = F.log_softmax(teacher_logits.float(), -1)
+    beta_t = torch.tensor(beta, device=student_logits.device)
+    mixture = torch.logsumexp(torch.stack([student_logp + torch.log(1 - beta_t), teacher_logp + torch.log(beta_t)]), 0)
+    kl_teacher = F.kl_div(mixture, teacher_logp, reduction="none", log_target=True)
+    kl_student = F.kl_div(mixture, student_logp, reduction="none", log_target=True)
+    return (beta * kl_teacher + (1 - beta) * kl_student).sum(-1)[mask].mean()
+
+
+def current_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.memory_allocated()
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident set
+
+
+def measure(variant: str, N: int, H: int, V: int, device: str, warmup: bool = True) -> dict:
+    """One forward + backward, after a small one that loads the kernels; runs in a fresh process (see main)."""
+    if warmup:
+        measure(variant, 8, 64, 1000, device, warmup=False)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device).manual_seed(0)
+    hidden = torch.randn(N, H, device=device, generator=g, dtype=dtype).requires_grad_(True)
+    teacher_hidden = torch.randn(N, H, device=device, generator=g, dtype=dtype)
+    weight = (torch.randn(V, H, device=device, generator=g, dtype=dtype) * H ** -0.5).requires_grad_(True)
+    mask = torch.ones(N, dtype=torch.bool, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set to the current one
+    base = current_bytes(device)
+    start = time.perf_counter()
+    if variant == "fused":
+        loss = fused_divergence(hidden, teacher_hidden, weight, mask, BETA)
+    else:
+        with torch.no_grad():
+            teacher_logits = teacher_hidden @ weight.T  # (N, V)
+        student_logits = hidden @ weight.T  # (N, V)
+        loss = (eager_jsd if variant == "eager" else divergence)(student_logits, teacher_logits, mask, BETA)
+    loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        status = Path("/proc/self/status").read_text()
+        peak = int(status.split("VmHWM:")[1].split()[0]) * 1024 - base
+    return {"seconds": time.perf_counter() - start, "peak_gb": peak / 1e9, "loss": loss.item()}
+
+
+def fits(N: int, V: int, device: str) -> bool:
+    """The materialised paths keep about 16 (N, V) float32 tensors alive at their peak (measured here)."""
+    need = 16 * N * V * 4
+    if device == "cuda":
+        return need < 0.9 * torch.cuda.mem_get_info()[0]
+    available = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1])
+    return need < 0.8 * available * 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="V = 32,000, H = 256, N = 256 and 512")
+    parser.add_argument("--one", nargs=5, metavar=("VARIANT", "N", "H", "V", "DEVICE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        variant, N, H, V, device = args.one
+        print(json.dumps(measure(variant, int(N), int(H), int(V), device)))
+        return
+
+    V, sizes, hiddens = (151_936, [512, 1024, 2048, 4096, 8192], [1024, 2048])
+    if args.quick:
+        V, sizes, hiddens = 32_000, [256, 512], [256]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    print(f"V = {V:,}, JSD beta = {BETA}, forward + backward; {os.cpu_count()} CPU threads; {machine}; "
+          f"torch {torch.__version__}")
+    print("device dtype     H      N | eager JSD          | opsd.divergence    | fused_divergence   | fused/eager")
+    for device in devices:
+        dtype = "bf16" if device == "cuda" else "float32"
+        for H in hiddens:
+            for N in sizes:
+                cells, results = [], {}
+                for variant in ("eager", "plain", "fused"):
+                    if variant != "fused" and not fits(N, V, device):
+                        cells.append(f"{'does not fit':18}")
+                        continue
+                    done = subprocess.run([sys.executable, __file__, "--one", variant, str(N), str(H), str(V), device],
+                                          capture_output=True, text=True, env=CHILD_ENV)
+                    if done.returncode != 0:
+                        cells.append(f"{'failed':18}")
+                        print(done.stderr[-2000:], file=sys.stderr)
+                        continue
+                    results[variant] = r = json.loads(done.stdout)
+                    cells.append(f"{r['peak_gb']:6.2f} GB {r['seconds']:7.2f} s")
+                ratio = ""
+                if "eager" in results and "fused" in results:
+                    e, f = results["eager"], results["fused"]
+                    ratio = f"mem {f['peak_gb'] / e['peak_gb']:.2f}x, time {f['seconds'] / e['seconds']:.2f}x"
+                print(f"{device:6} {dtype:7} {H:5d} {N:6d} | " + " | ".join(cells) + f" | {ratio}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
