@@ -8,7 +8,8 @@ teacher re-scores the same tokens in one forward pass; training minimises, on th
 
 Owns: sampling with a KV cache, the two-context forward pass, the divergences, the training loop, the CLI.
 Leaves out: several GPUs, vLLM, LoRA, a Trainer class.
-Shapes: B rollouts, P prompt length, L completion length, V vocabulary.
+Shapes: B rollouts, P prompt length, L completion length, V vocabulary, H hidden size, N completion
+tokens of a batch, C tokens per chunk of the fused divergence.
 
     python opsd.py           # the built-in demo: tiny model, synthetic task, CPU, about 7 minutes
     python opsd.py --help    # every setting
