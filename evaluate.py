@@ -80,8 +80,9 @@ def main():
 
     model, tokenizer = load_model(args.model)
     examples = load_examples(args.dataset, "test", args.n)
-    acc = evaluate(model, tokenizer, examples, args.with_reference, args.thinking, args.samples,
-                   args.temperature, args.top_p, args.top_k, args.max_new_tokens, seed=args.seed)
+    acc = evaluate(model, tokenizer, examples, with_reference=args.with_reference, thinking=args.thinking,
+                   samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   max_new_tokens=args.max_new_tokens, seed=args.seed)
     context = "with the reference" if args.with_reference else "question alone"
     print(f"{args.model}: {acc:.1%} avg@{args.samples} on {len(examples)} problems ({context})")
 

@@ -409,8 +409,10 @@ def save_checkpoint(out: Path, step: int, model, teacher, tokenizer, optimizer, 
 
 def evaluate_both(model, teacher, tokenizer, examples, cfg: Config) -> dict:
     """Held-out accuracy of the student (question alone) and of the teacher (with the reference), greedy."""
-    student = evaluate(model, tokenizer, examples, False, cfg.student_thinking, max_new_tokens=cfg.max_new_tokens)
-    teacher = evaluate(teacher, tokenizer, examples, True, cfg.teacher_thinking, max_new_tokens=cfg.max_new_tokens)
+    student = evaluate(model, tokenizer, examples, with_reference=False, thinking=cfg.student_thinking,
+                       max_new_tokens=cfg.max_new_tokens)
+    teacher = evaluate(teacher, tokenizer, examples, with_reference=True, thinking=cfg.teacher_thinking,
+                       max_new_tokens=cfg.max_new_tokens)
     return {"student_acc": student, "teacher_acc": teacher}
 
 
