@@ -74,8 +74,12 @@ def load_examples(source: str, split: str, n: int | None = None, seed: int = 0) 
                          f"{rows.column_names}. Rename the columns to question, solution (and optionally answer).")
     from evaluate import extract_answer
 
-    examples = [Example(r["question"], r["solution"], r.get("answer") or extract_answer(r["solution"]))
-                for r in rows]
+    examples = []
+    for i, r in enumerate(rows):
+        answer = str(r["answer"]) if r.get("answer") is not None else extract_answer(r["solution"])
+        if answer is None:
+            raise ValueError(f"dataset {source!r}, row {i}: no answer column and no \\boxed{{}} in the solution")
+        examples.append(Example(r["question"], r["solution"], answer))
     return examples[:n] if n else examples
 
 

@@ -64,6 +64,13 @@ def test_local_files_load_and_bad_columns_are_named(tmp_path):
     bad.write_text(json.dumps({"problem": "1+1?", "solution": "2"}) + "\n")
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['question'\].*it has \['problem', 'solution'\]"):
         load_examples(str(bad), "train")
+    unboxed = tmp_path / "unboxed.jsonl"
+    unboxed.write_text(json.dumps({"question": "1+1?", "solution": "it is 2"}) + "\n")
+    with pytest.raises(ValueError, match=r"row 0: no answer column and no \\boxed\{\} in the solution"):
+        load_examples(str(unboxed), "train")
+    numeric = tmp_path / "numeric.jsonl"
+    numeric.write_text(json.dumps({"question": "1+1?", "solution": "it is 2", "answer": 2}) + "\n")
+    assert load_examples(str(numeric), "train")[0].answer == "2"
     with pytest.raises(ValueError, match="expected 'builtin' or a"):
         load_examples("some/hub-name", "train")
 
