@@ -1,9 +1,10 @@
 """data.py: the examples OPSD learns from, and the two prompts that turn one model into student and teacher.
 
 Owns: the `Example` record, the built-in offline task (two-step arithmetic word problems with a worked
-solution ending in \\boxed{answer}), loading examples from a local JSON/JSONL/CSV/parquet file, the
-character tokenizer of the tiny model, and the paper's student and teacher prompts.
-Leaves out: hub data sets and their column presets, prompt truncation (both come with real models).
+solution ending in \\boxed{answer}), loading examples from hub data sets (with column presets) and local
+files, the paper's student and teacher prompts, fitting them into a token budget, and the character
+tokenizer of the tiny model.
+Leaves out: tokenising whole data sets ahead of time (prompts are encoded per batch), streaming.
 
     python data.py      # prints a few built-in problems with both prompts
 """
@@ -57,30 +58,52 @@ def builtin_examples(split: str, n: int, seed: int = 0) -> list[Example]:
     return examples
 
 
-def load_examples(source: str, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
-    """Examples from the built-in task ('builtin') or from a local file with the columns question and
-    solution (answer is optional: without it, the answer is the last \\boxed{} of the solution)."""
+# Hub data sets whose columns are known: name -> (hub name, config, question, solution, answer column).
+# Without an answer column the answer is read from the solution (the last \boxed{}, or what follows '####').
+PRESETS = {
+    "openthoughts": ("siyanzhao/Openthoughts_math_30k_opsd", None, "problem", "solution", None),  # the paper's
+    "gsm8k": ("openai/gsm8k", "main", "question", "answer", None),  # the solution ends with '#### 42'
+    "math": ("DigitalLearningGmbH/MATH-lighteval", None, "problem", "solution", None),  # \boxed{} answers
+}
+
+
+def load_examples(source: str, split: str = "train", n: int | None = None, seed: int = 0, question_column: str = "",
+                  solution_column: str = "", answer_column: str = "") -> list[Example]:
+    """The first n examples of `split` of the built-in task ('builtin'), a preset (by its short or hub
+    name), a local JSON/JSONL/CSV/parquet file (one split: all its rows) or any data set that
+    datasets.load_dataset opens (a hub name or a local folder; a data set with one split serves it for
+    every split). Columns default to the preset's, else question, solution and answer; without an answer
+    column the answer is read from the solution."""
     if source == "builtin":
         return builtin_examples(split, n or (20_000 if split == "train" else 500), seed)
     import datasets  # imported here: the built-in task does not need it
 
-    kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(source.rsplit(".", 1)[-1])
-    if kind is None:
-        raise ValueError(f"dataset {source!r}: expected 'builtin' or a .jsonl/.json/.csv/.parquet file")
-    rows = datasets.load_dataset(kind, data_files=source, split="train")
-    missing = {"question", "solution"} - set(rows.column_names)
-    if missing:
-        raise ValueError(f"dataset {source!r} lacks the column(s) {sorted(missing)}; it has "
-                         f"{rows.column_names}. Rename the columns to question, solution (and optionally answer).")
     from evaluate import extract_answer
 
+    preset = PRESETS.get(source) or next((p for p in PRESETS.values() if p[0] == source), None)
+    name, config, *columns = preset or (source, None, "question", "solution", None)
+    question_column, solution_column = question_column or columns[0], solution_column or columns[1]
+    answer_column = answer_column or columns[2]
+    kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(source.rsplit(".", 1)[-1])
+    if kind:
+        rows = datasets.load_dataset(kind, data_files=source, split="train")
+    else:
+        splits = datasets.load_dataset(name, config)
+        if split not in splits and len(splits) > 1:
+            raise ValueError(f"dataset {source!r} has no {split!r} split; it has {list(splits)}")
+        rows = splits[split] if split in splits else next(iter(splits.values()))
+    missing = [c for c in (question_column, solution_column, answer_column) if c and c not in rows.column_names]
+    if missing:
+        raise ValueError(f"dataset {source!r} lacks the column(s) {missing}; it has {rows.column_names}. Name "
+                         "the right ones with --question_column, --solution_column, --answer_column.")
     examples = []
-    for i, r in enumerate(rows):
-        answer = str(r["answer"]) if r.get("answer") is not None else extract_answer(r["solution"])
+    for i, r in enumerate(rows.select(range(min(n or len(rows), len(rows))))):
+        answer = str(r[answer_column]) if answer_column else extract_answer(r[solution_column])
         if answer is None:
-            raise ValueError(f"dataset {source!r}, row {i}: no answer column and no \\boxed{{}} in the solution")
-        examples.append(Example(r["question"], r["solution"], answer))
-    return examples[:n] if n else examples
+            raise ValueError(f"dataset {source!r}, row {i}: no answer column and no final answer (\\boxed{{}} "
+                             "or '####') in the solution: set --answer_column")
+        examples.append(Example(r[question_column], r[solution_column], answer))
+    return examples
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -103,6 +126,41 @@ def student_prompt(example: Example, tokenizer, thinking: bool = False) -> str:
 def teacher_prompt(example: Example, tokenizer, thinking: bool = True) -> str:
     """The teacher's context: the problem and the privileged reference solution."""
     return render(TEACHER.format(question=example.question, solution=example.solution), tokenizer, thinking)
+
+
+def fit_prompts(examples: list[Example], tokenizer, limit: int, student_thinking: bool = False,
+                teacher_thinking: bool = True) -> list[Example]:
+    """The examples whose prompts fit in `limit` tokens. A teacher prompt that is too long gets its reference
+    solution cut from the middle, with a marker, never its question or instructions; an example that does
+    not fit even so is dropped. Both are counted and reported."""
+    fitted = [shorten_reference(ex, tokenizer, limit, student_thinking, teacher_thinking) for ex in examples]
+    kept = [ex for ex in fitted if ex is not None]
+    shortened = sum(ex is not None and ex is not original for ex, original in zip(fitted, examples))
+    if shortened or len(kept) < len(examples):
+        print(f"warning: {shortened} of {len(examples)} examples had their reference solution shortened and "
+              f"{len(examples) - len(kept)} were skipped to fit their prompts in {limit} tokens")
+    return kept
+
+
+def shorten_reference(example: Example, tokenizer, limit: int, student_thinking: bool = False,
+                      teacher_thinking: bool = True) -> Example | None:
+    """The example itself if both prompts fit; else the example with the middle of its reference cut out until
+    the teacher prompt fits; None if the student prompt or the teacher prompt with an empty reference does
+    not fit. Each round re-counts the real prompt, so tokens that merge at the cut cannot fool it."""
+    if len(teacher_prompt(example, tokenizer, teacher_thinking).encode()) + 4 <= limit:
+        return example  # a token covers at least one byte (4 spare for a BOS and the like): no need to count
+    if len(encode(student_prompt(example, tokenizer, student_thinking), tokenizer)) > limit:
+        return None
+    solution_ids = tokenizer(example.solution, add_special_tokens=False).input_ids
+    shortened, keep = example, len(solution_ids)
+    while (excess := len(encode(teacher_prompt(shortened, tokenizer, teacher_thinking), tokenizer)) - limit) > 0:
+        if keep == 0:
+            return None
+        keep = max(keep - excess, 0)  # reference tokens to keep, half from each end
+        head, tail = solution_ids[:keep // 2], solution_ids[len(solution_ids) - (keep - keep // 2):]
+        cut = f"\n[... {len(solution_ids) - keep} tokens left out ...]\n"
+        shortened = Example(example.question, tokenizer.decode(head) + cut + tokenizer.decode(tail), example.answer)
+    return shortened
 
 
 def render(message: str, tokenizer, thinking: bool) -> str:

@@ -16,10 +16,11 @@ from data import Example, encode, load_examples, student_prompt, teacher_prompt
 
 
 def extract_answer(text: str) -> str | None:
-    """The content of the last \\boxed{...}, nested braces included; None if there is none or it is cut off."""
+    """The content of the last \\boxed{...}, nested braces included (None if it is cut off); without a box,
+    what follows the last '####' (GSM8K's solutions); else None."""
     start = text.rfind("\\boxed{")
     if start < 0:
-        return None
+        return text.rsplit("####", 1)[1].strip() or None if "####" in text else None
     depth, begin = 0, start + len("\\boxed{")
     for i in range(begin, len(text)):
         depth += {"{": 1, "}": -1}.get(text[i], 0)

@@ -7,7 +7,7 @@ teacher re-scores the same tokens in one forward pass; training minimises, on th
     L = E_x E_{y_hat ~ p_S} [ 1/|y_hat| sum_n D( p_T(. | x, y*, y_hat_<n) || p_S(. | x, y_hat_<n) ) ]   (Eq. 7)
 
 Owns: sampling with a KV cache, the two-context forward pass, the divergences, the training loop, the CLI.
-Leaves out: several GPUs, vLLM, LoRA, a Trainer class.
+Leaves out: several GPUs, vLLM, peft (LoRA is written out here), a Trainer class.
 Shapes: B rollouts, P prompt length, L completion length, V vocabulary, H hidden size, N completion
 tokens of a batch, C tokens per chunk of the fused divergence.
 
@@ -16,6 +16,7 @@ tokens of a batch, C tokens per chunk of the fused divergence.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from data import encode, load_examples, student_prompt, teacher_prompt
+from data import encode, fit_prompts, load_examples, student_prompt, teacher_prompt
 from evaluate import evaluate, extract_answer, is_equivalent
 
 
@@ -42,7 +43,19 @@ def option(default, help):
 class Config:
     # model, data, run
     model: str = option("tiny/model", "base model: a local path or a hub name")
-    dataset: str = option("builtin", "'builtin' or a local JSON/JSONL/CSV/parquet file with question, solution")
+    trust_remote_code: bool = option(False, "run the code of the model's own repository (only if you trust it)")
+    dtype: str = option("auto", "weights' dtype: auto (bfloat16 on a GPU that supports it, else float32), float32 "
+                        "or bfloat16; the losses are float32 whatever it is")
+    dataset: str = option("builtin", "'builtin', a preset (openthoughts: the paper's, gsm8k, math), a hub data set "
+                          "or a local JSON/JSONL/CSV/parquet file")
+    question_column: str = option("", "column of the problems (default: the preset's, else 'question')")
+    solution_column: str = option("", "column of the reference solutions (default: the preset's, else 'solution')")
+    answer_column: str = option("", "column of the final answers (default: the preset's, else read from the "
+                                "solution: its last \\boxed{} or what follows '####')")
+    eval_dataset: str = option("", "held-out problems to evaluate on (default: the built-in task's test split, or "
+                               "eval_size problems of --dataset kept out of training)")
+    max_prompt_tokens: int = option(2048, "longest prompt: a longer reference solution is cut in its middle, a "
+                                    "problem that still does not fit is skipped (both counted)")
     out_dir: str = option("runs/opsd", "where metrics.jsonl and the checkpoints go")
     resume: bool = option(False, "continue the run in out_dir from its last checkpoint")
     seed: int = option(0, "seed of the problem order, the sampling and the initialisation")
@@ -60,7 +73,17 @@ class Config:
     fused: bool = option(True, "full-vocabulary divergence from hidden states, a chunk of tokens at a time")
     teacher_decay: float = option(1.0, "teacher EMA decay: 1 = fixed initial weights (paper), 0 = current weights")
     student_thinking: bool = option(False, "chat template thinking flag of the student prompt (paper's code: off)")
-    teacher_thinking: bool = option(True, "chat template thinking flag of the teacher prompt (paper's code: on)")
+    teacher_thinking: bool = option(True, "chat template thinking flag of the teacher prompt (paper's code: on). "
+                                    "Flags that differ make the first completion tokens diverge for reasons that "
+                                    "have nothing to do with the reference (upstream issue 10); equal flags avoid it")
+    # LoRA: low-rank adapters on the named linear layers; only they train
+    lora_rank: int = option(0, "adapter rank; 0 trains every weight instead (paper: 64)")
+    lora_alpha: float = option(128.0, "the adapters' update is alpha / rank * B A (paper: 128)")
+    lora_targets: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                               "names of the linear layers that get adapters (paper: all projections)")
+    save_merged: bool = option(True, "with LoRA, checkpoints also hold the merged weights, which load with "
+                               "from_pretrained (the adapters alone are always saved)")
+    gradient_checkpointing: bool = option(False, "recompute activations during backward: less memory, slower")
     # optimisation
     steps: int = option(700, "optimizer steps (paper: about 100)")
     lr: float = option(1e-3, "AdamW peak learning rate, decayed linearly to 0 (paper, LoRA on Qwen3: 5e-6)")
@@ -79,9 +102,14 @@ class Config:
             "top_k must be >= 0": self.top_k >= 0,
             "clip must be > 0, or none": self.clip is None or self.clip > 0,
             "teacher_decay must lie in [0, 1]": 0 <= self.teacher_decay <= 1,
+            "lora_rank must be >= 0": self.lora_rank >= 0,
+            "dtype must be auto, float32 or bfloat16": self.dtype in ("auto", "float32", "bfloat16"),
+            "with LoRA the teacher is the base (teacher_decay 1) or the live weights (0): an EMA needs weights of "
+            "its own": self.lora_rank == 0 or self.teacher_decay in (0, 1),
             "lr, grad_clip must be > 0": self.lr > 0 and self.grad_clip > 0,
-            "steps, max_new_tokens, eval_every, eval_size, save_every must be > 0":
-                min(self.steps, self.max_new_tokens, self.eval_every, self.eval_size, self.save_every) > 0,
+            "steps, max_new_tokens, max_prompt_tokens, eval_every, eval_size, save_every must be > 0": min(
+                self.steps, self.max_new_tokens, self.max_prompt_tokens, self.eval_every, self.eval_size,
+                self.save_every) > 0,
             "batch_size must be a positive multiple of micro_batch_size":
                 self.micro_batch_size > 0 and self.batch_size > 0 and self.batch_size % self.micro_batch_size == 0,
         }
@@ -106,17 +134,20 @@ def parse_config(argv=None) -> Config:
         parser.error(str(e))
 
 
-def load_model(name_or_path: str):
-    """Model and tokenizer, on the best device (cuda, then mps, then cpu), bf16 where it is supported."""
+def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False):
+    """Model and tokenizer, on the best device (cuda, then mps, then cpu), in bf16 where it is supported
+    unless dtype says otherwise."""
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer of {name_or_path!r} has no eos token: rollouts could never end. Set one.")
     if tokenizer.pad_token_id is None:  # only a filler: masks come from lengths, never from the pad id
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
-    return model, tokenizer
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
+                                                 trust_remote_code=trust_remote_code)
+    return model.to(device), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -317,7 +348,8 @@ class FusedDivergence(torch.autograd.Function):
                 chunk_size):
         grad_hidden = torch.zeros_like(hidden)  # (M, H): rows that are not completion tokens get zero
         dtype = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 if given
-        grad_weight = torch.zeros_like(weight, dtype=dtype)  # (V, H)
+        train_head = ctx.needs_input_grad[1]  # False for a frozen head (LoRA): no (V, H) gradient at all
+        grad_weight = torch.zeros_like(weight, dtype=dtype) if train_head else None  # (V, H)
         sums = torch.zeros(3, dtype=dtype, device=hidden.device)  # loss, divergence, clipped mass
         for i in range(0, index.numel(), chunk_size):
             rows = index[i:i + chunk_size]  # (C,)
@@ -339,8 +371,9 @@ class FusedDivergence(torch.autograd.Function):
             sums[0] += terms.sum()
             dz = g.sub_(student_logp.exp_().mul_(g.sum(-1, keepdim=True))).div_(temperature)  # (C, V): dL/dz
             grad_hidden[rows] = dz.to(weight.dtype) @ weight
-            grad_weight.addmm_(dz.T, h.to(dtype))  # accumulated over the chunks in float32 (or float64)
-        ctx.grads = grad_hidden, grad_weight.to(weight.dtype)
+            if train_head:
+                grad_weight.addmm_(dz.T, h.to(dtype))  # accumulated over the chunks in float32 (or float64)
+        ctx.grads = grad_hidden, grad_weight.to(weight.dtype) if train_head else None
         return sums[0], sums[1], sums[2]
 
     @staticmethod
@@ -349,7 +382,7 @@ class FusedDivergence(torch.autograd.Function):
         # rather than copying: a second (V, H) tensor would double the memory. The graph is used once.
         grad_hidden, grad_weight = ctx.grads
         del ctx.grads
-        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), *[None] * 8
+        return grad_hidden.mul_(grad_loss), None if grad_weight is None else grad_weight.mul_(grad_loss), *[None] * 8
 
 
 def fused_divergence(student_hidden, teacher_hidden, weight, mask, beta=0.0, temperature=1.0, clip=None,
@@ -379,11 +412,76 @@ def lm_head(model) -> torch.nn.Module:
 def logits_are_linear(model) -> bool:
     """Whether the model's logits are exactly hidden @ W.T, as fused_divergence assumes (no bias, no
     soft-capping, no logit scale): checked on a few tokens rather than trusted from the config."""
-    if lm_head(model) is None or getattr(lm_head(model), "bias", None) is not None:
+    if not isinstance(lm_head(model), torch.nn.Linear) or lm_head(model).bias is not None:
         return False
     ids = torch.arange(min(16, model.config.vocab_size), device=model.device)[None]  # (1, 16)
     linear = model.base_model(input_ids=ids).last_hidden_state @ lm_head(model).weight.T
     return torch.allclose(model(input_ids=ids).logits.float(), linear.float(), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA (Hu et al., 2021), written out: a frozen linear layer W plus a trainable low-rank update,
+#     y = W x + (alpha / r) B A x,    A (r, in) random, B (out, r) zero,
+# so that training starts exactly at the base model. The fixed teacher is then the same network with its
+# adapters switched off: no second copy of the weights. The adapters are float32 whatever the model's dtype.
+
+class LoRALinear(torch.nn.Module):
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / rank, True
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(y.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        return (self.base.weight.float() + self.scale * self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+
+
+def add_lora(model, rank: int, alpha: float, targets: list[str]):
+    """Wraps every nn.Linear named in targets (q_proj, ...) in a LoRALinear and freezes all other weights."""
+    model.requires_grad_(False)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, torch.nn.Linear):
+                setattr(parent, name, LoRALinear(child, rank, alpha))
+    if not lora_layers(model):
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"no linear layer is named {targets}; this model's are {names}: set --lora_targets")
+
+
+def lora_layers(model) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_off(model, off: bool = True):
+    """Runs the base model (the fixed teacher) inside the block. A model without adapters is unchanged."""
+    for layer in lora_layers(model):
+        layer.enabled = not off
+    try:
+        yield
+    finally:
+        for layer in lora_layers(model):
+            layer.enabled = True
+
+
+def adapter_state(model) -> dict:
+    return {name: value for name, value in model.state_dict().items() if ".lora_" in name}
+
+
+def merged_state_dict(model) -> dict:
+    """The weights with every adapter folded in (W + alpha / r B A), named as in the base model, so that
+    save_pretrained writes a model that from_pretrained loads without opsd."""
+    state = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    state.update({f"{name}.weight": m.merged_weight() for name, m in model.named_modules()
+                  if isinstance(m, LoRALinear)})
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -392,9 +490,14 @@ def logits_are_linear(model) -> bool:
 def save_checkpoint(out: Path, step: int, model, teacher, tokenizer, optimizer, cfg: Config):
     final, tmp = out / f"step_{step}", out / f"step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    lora = bool(lora_layers(model))
+    if lora:  # the adapters are what a resumed run needs; the merged weights are for everyone else
+        tmp.mkdir(parents=True)
+        torch.save(adapter_state(model), tmp / "adapters.pt")
+    if cfg.save_merged or not lora:
+        model.save_pretrained(tmp, state_dict=merged_state_dict(model) if lora else None)
     tokenizer.save_pretrained(tmp)
-    if cfg.teacher_decay < 1:  # a fixed teacher is reloaded from cfg.model
+    if 0 < cfg.teacher_decay < 1:  # an EMA teacher has weights of its own; the others are rebuilt
         teacher.save_pretrained(tmp / "teacher")
     torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "state.pt")
     (tmp / "opsd_config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -408,11 +511,13 @@ def save_checkpoint(out: Path, step: int, model, teacher, tokenizer, optimizer, 
 
 
 def evaluate_both(model, teacher, tokenizer, examples, cfg: Config) -> dict:
-    """Held-out accuracy of the student (question alone) and of the teacher (with the reference), greedy."""
+    """Held-out accuracy of the student (question alone) and of the teacher (with the reference), greedy,
+    sampled batch_size problems at a time like the rollouts (so no larger KV cache)."""
     student = evaluate(model, tokenizer, examples, with_reference=False, thinking=cfg.student_thinking,
-                       max_new_tokens=cfg.max_new_tokens)
-    teacher = evaluate(teacher, tokenizer, examples, with_reference=True, thinking=cfg.teacher_thinking,
-                       max_new_tokens=cfg.max_new_tokens)
+                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    with adapters_off(teacher, cfg.teacher_decay == 1):
+        teacher = evaluate(teacher, tokenizer, examples, with_reference=True, thinking=cfg.teacher_thinking,
+                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     return {"student_acc": student, "teacher_acc": teacher}
 
 
@@ -432,11 +537,26 @@ def train(cfg: Config) -> list[dict]:
                              "Resume with the run's own settings; only --steps may change.")
     print(json.dumps(asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(str(checkpoint or cfg.model))
-    # The teacher is a second set of weights, never trained: the initial ones (decay 1) or an EMA.
-    from_base = cfg.teacher_decay == 1 or checkpoint is None
-    teacher = load_model(cfg.model if from_base else str(checkpoint / "teacher"))[0].requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lora = cfg.lora_rank > 0
+    model, tokenizer = load_model(str(checkpoint if checkpoint and not lora else cfg.model), cfg.dtype,
+                                  cfg.trust_remote_code)
+    if lora:  # only the adapters train; a resumed run loads them onto the base weights
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
+        if checkpoint:
+            model.load_state_dict(torch.load(checkpoint / "adapters.pt", weights_only=True), strict=False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The teacher, never trained: the initial weights (teacher_decay 1), the live ones (0) or an EMA. With LoRA
+    # or the live weights it is the student's own network (adapters off for the fixed one): no second copy.
+    if lora or cfg.teacher_decay == 0:
+        teacher = model
+    else:
+        from_base = cfg.teacher_decay == 1 or checkpoint is None
+        teacher = load_model(cfg.model if from_base else str(checkpoint / "teacher"), cfg.dtype,
+                             cfg.trust_remote_code)[0]
+        teacher.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     start = 0
     if checkpoint:
         state = torch.load(checkpoint / "state.pt", weights_only=True)
@@ -447,14 +567,29 @@ def train(cfg: Config) -> list[dict]:
     metrics_path = out / "metrics.jsonl"
     rows = map(json.loads, metrics_path.read_text().splitlines()) if checkpoint else []
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start))  # not after it
-    train_set = load_examples(cfg.dataset, "train", seed=cfg.seed)
-    test_set = load_examples(cfg.dataset, "test", cfg.eval_size, seed=cfg.seed)
+    columns = dict(question_column=cfg.question_column, solution_column=cfg.solution_column,
+                   answer_column=cfg.answer_column)
+    train_set = load_examples(cfg.dataset, "train", seed=cfg.seed, **columns)
+    if cfg.eval_dataset or cfg.dataset == "builtin":
+        test_set = load_examples(cfg.eval_dataset or "builtin", "test", cfg.eval_size, cfg.seed, **columns)
+    else:  # a fixed random eval_size problems of the data set, kept out of training
+        random.Random(0).shuffle(train_set)
+        train_set, test_set = train_set[cfg.eval_size:], train_set[:cfg.eval_size]
+    context = getattr(model.config, "max_position_embeddings", None) or math.inf
+    limit = min(cfg.max_prompt_tokens, context - cfg.max_new_tokens)  # every prompt plus its rollout must fit
+    if limit <= 0:
+        raise ValueError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {context}: lower --max_new_tokens")
+    train_set, test_set = (fit_prompts(examples, tokenizer, limit, cfg.student_thinking, cfg.teacher_thinking)
+                           for examples in (train_set, test_set))
+    if len(train_set) < cfg.batch_size or not test_set:
+        raise ValueError(f"{len(train_set)} training and {len(test_set)} held-out problems fit in {limit} prompt "
+                         f"tokens: at least batch_size={cfg.batch_size} and 1 are needed")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     fused = cfg.fused and logits_are_linear(model)
     if cfg.fused and not fused:
         print("the loss takes the plain path: this model's logits are not hidden @ W.T (a bias, soft-capping...)")
     forward = completion_hidden if fused else completion_logits
-    context = getattr(model.config, "max_position_embeddings", None) or math.inf
 
     def log(row):
         with open(metrics_path, "a") as f:
@@ -475,25 +610,22 @@ def train(cfg: Config) -> list[dict]:
         generator = torch.Generator(model.device).manual_seed(cfg.seed * 1_000_003 + step)
         student_ids = [encode(student_prompt(ex, tokenizer, cfg.student_thinking), tokenizer) for ex in batch]
         teacher_ids = [encode(teacher_prompt(ex, tokenizer, cfg.teacher_thinking), tokenizer) for ex in batch]
-        longest = max(map(len, student_ids + teacher_ids))
-        if longest + cfg.max_new_tokens > context:
-            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={cfg.max_new_tokens} exceeds the "
-                             f"model's context of {context}: lower --max_new_tokens or use shorter problems")
 
         # 1. Sample one rollout per problem from the student, on the plain prompt.
         model.eval()
         completions = sample(model, student_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
                              eos, pad, generator)
         n_tokens = sum(map(len, completions))  # the loss is normalised by the tokens of the whole step
-        model.train()
         totals = {"loss": 0.0, "divergence": 0.0, "clipped_mass": 0.0}
         for i in range(0, cfg.batch_size, cfg.micro_batch_size):
             part = slice(i, i + cfg.micro_batch_size)
             # 2. Re-score the same tokens with the teacher: privileged context, no grad (a target, not a model
             #    being trained). The fused path stops at the hidden states and applies the LM head in the loss.
-            with torch.no_grad():
+            teacher.eval()
+            with torch.no_grad(), adapters_off(teacher, cfg.teacher_decay == 1):
                 teacher_out, mask = forward(teacher, teacher_ids[part], completions[part])
             # 3. The student on its own rollout, and the per-token divergence on completion tokens.
+            model.train()
             student_out, mask = forward(model, student_ids[part], completions[part])
             stats = {}
             completion_ids = pad_right(completions[part], model.device) if cfg.sampled_token else None
@@ -519,7 +651,7 @@ def train(cfg: Config) -> list[dict]:
             group["lr"] = cfg.lr * (1 - step / cfg.steps)  # linear decay to zero, a function of the step alone
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cfg.teacher_decay < 1:
+        if 0 < cfg.teacher_decay < 1:
             with torch.no_grad():
                 for t, s in zip(teacher.parameters(), model.parameters()):
                     t.lerp_(s, 1 - cfg.teacher_decay)
@@ -528,7 +660,10 @@ def train(cfg: Config) -> list[dict]:
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         reward = sum(is_equivalent(extract_answer(t), ex.answer) for t, ex in zip(texts, batch)) / len(batch)
         row = {"step": step + 1, **totals, "rollout_acc": reward, "length": n_tokens / len(batch),
-               "grad_norm": grad_norm, "tokens_per_s": n_tokens / (time.time() - step_start)}
+               "grad_norm": grad_norm, "seconds": time.time() - step_start,
+               "tokens_per_s": n_tokens / (time.time() - step_start)}
+        if model.device.type == "cuda":
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         log(row)
         bar.set_postfix_str(f"loss {row['loss']:.4f} div {row['divergence']:.4f} clip {row['clipped_mass']:.3f} "
                             f"acc {reward:.0%} len {row['length']:.1f} tok/s {row['tokens_per_s']:.0f}")

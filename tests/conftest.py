@@ -1,11 +1,17 @@
-"""Tiny random models for the tests: a rotary one (Llama) and an absolute-position one (GPT-2), with the
-character tokenizer of data.py. Nothing is downloaded."""
+"""Tiny random models for the tests: a rotary one (Llama), an absolute-position one (GPT-2) and a stand-in
+for Qwen3 with a Qwen3-style chat template, with the character tokenizer of data.py. Nothing is downloaded."""
+
+import os
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from data import char_tokenizer
+
+if torch.cuda.is_available():  # the training tests run where load_model puts them; on a GPU, deterministically
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +27,11 @@ def make_model(kind: str, tokenizer, seed: int = 0):
         config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, **ids)
         return LlamaForCausalLM(config).eval()
+    if kind == "qwen3":
+        config = Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+                             tie_word_embeddings=True, **ids)
+        return Qwen3ForCausalLM(config).eval()
     config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **ids)
     return GPT2LMHeadModel(config).eval()
 
@@ -35,5 +46,30 @@ def model_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama saved like any hub model, for the training and CLI tests."""
     path = tmp_path_factory.mktemp("tiny")
     make_model("llama", tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# Qwen3's chat template, cut down to what opsd uses: one user turn, the generation prompt, and the empty
+# thinking block that enable_thinking=False adds.
+QWEN3_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def qwen3_tokenizer():
+    tokenizer = char_tokenizer()
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>", "<think>", "</think>"], special_tokens=True)
+    tokenizer.eos_token, tokenizer.chat_template = "<|im_end|>", QWEN3_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory):
+    """A tiny random Qwen3 with a Qwen3-style chat template, saved like a hub model."""
+    path = tmp_path_factory.mktemp("qwen3")
+    tokenizer = qwen3_tokenizer()
+    make_model("qwen3", tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -52,3 +52,9 @@ def test_divergence_benchmark_runs_and_prints_its_table():
     assert "V = 32,000" in lines[0] and "CPU threads" in lines[0]
     rows = [line for line in lines if line.startswith("cpu")]
     assert len(rows) == 2 and all(line.count(" GB ") == 3 and "mem " in line for line in rows)
+
+
+def test_real_shape_benchmark_runs_on_a_tiny_shape():
+    out = run("benchmarks/real_shape.py", "--tiny", "--steps", "2", "--reference_tokens", "100")
+    assert "random weights in a tiny Qwen3 shape" in out and "LoRA r64" in out
+    assert "generated tokens/s" in out.strip().splitlines()[-1]

@@ -3,8 +3,11 @@
 import json
 
 import pytest
+from conftest import qwen3_tokenizer
 
-from data import Example, builtin_examples, char_tokenizer, encode, load_examples, student_prompt, teacher_prompt
+import data
+from data import (INSTRUCTION, Example, builtin_examples, char_tokenizer, encode, fit_prompts, load_examples,
+                  shorten_reference, student_prompt, teacher_prompt)
 from evaluate import extract_answer, is_equivalent
 
 
@@ -41,38 +44,94 @@ def test_prompts_without_a_chat_template():
     assert "Reference Solution Begin" in teacher and teacher.endswith("within \\boxed{}.")
 
 
-def test_prompts_through_a_chat_template_keep_the_thinking_flags_apart():
-    tokenizer = char_tokenizer()
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% if not enable_thinking %}<think></think>{% endif %}{% endif %}")
+def test_prompts_through_a_qwen3_chat_template_with_each_thinking_setting():
+    tokenizer = qwen3_tokenizer()
     ex = Example("what is 2+3?", "2+3=5. \\boxed{5}", "5")
-    student = student_prompt(ex, tokenizer, thinking=False)
-    assert student.startswith("<|user|>Problem: what is 2+3?") and student.endswith("<|assistant|><think></think>")
-    assert teacher_prompt(ex, tokenizer, thinking=True).endswith("<|assistant|>")
-    assert teacher_prompt(ex, tokenizer, thinking=False).endswith("<think></think>")
+    user = "<|im_start|>user\nProblem: what is 2+3?\n\n"
+    instruction = "Please reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+    reference = ("Here is a reference solution to this problem:\n=== Reference Solution Begin ===\n2+3=5. \\boxed{5}\n"
+                 "=== Reference Solution End ===\nRead the reference solution until you understand it, then solve "
+                 "the problem yourself, in your own words, and reach the same final answer. Do not copy it.\n")
+    for thinking, opening in ((False, "<|im_start|>assistant\n<think>\n\n</think>\n\n"), (True, "<|im_start|>assistant\n")):
+        assert student_prompt(ex, tokenizer, thinking) == user + instruction + opening
+        assert teacher_prompt(ex, tokenizer, thinking) == user + reference + instruction + opening
+    student = student_prompt(ex, tokenizer, False)
     assert encode(student, tokenizer) == tokenizer(student, add_special_tokens=False).input_ids
+    assert tokenizer.convert_ids_to_tokens(encode(student, tokenizer))[-6:] == ["<think>", "\n", "\n", "</think>", "\n", "\n"]
 
 
-def test_local_files_load_and_bad_columns_are_named(tmp_path):
-    rows = [{"question": "1+1?", "solution": "1+1=2. \\boxed{2}"}, {"question": "2+2?", "solution": "\\boxed{4}"}]
-    good = tmp_path / "good.jsonl"
-    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert load_examples(str(good), "train") == [Example("1+1?", "1+1=2. \\boxed{2}", "2"),
-                                                 Example("2+2?", "\\boxed{4}", "4")]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"problem": "1+1?", "solution": "2"}) + "\n")
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['question'\].*it has \['problem', 'solution'\]"):
-        load_examples(str(bad), "train")
+ROWS = [{"problem": "1+1?", "solution": "1+1=2. \\boxed{2}"}, {"problem": "2+2?", "solution": "2+2=4. \\boxed{4}"}]
+EXAMPLES = [Example("1+1?", "1+1=2. \\boxed{2}", "2"), Example("2+2?", "2+2=4. \\boxed{4}", "4")]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet"])
+def test_local_files_load_in_every_format(tmp_path, suffix):
+    import pandas
+    path = tmp_path / f"data.{suffix}"
+    table = pandas.DataFrame(ROWS)
+    {"jsonl": lambda: table.to_json(path, orient="records", lines=True), "json": lambda: table.to_json(path, orient="records"),
+     "csv": lambda: table.to_csv(path, index=False), "parquet": lambda: table.to_parquet(path)}[suffix]()
+    assert load_examples(str(path), question_column="problem") == EXAMPLES
+    assert load_examples(str(path), "test", n=1, question_column="problem") == EXAMPLES[:1]  # a file has one split
+
+
+def test_missing_columns_and_answers_get_errors_that_name_the_fix(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['question'\]; it has \['problem', 'solution'\]\. "
+                                         r"Name the right ones with --question_column"):
+        load_examples(str(path))
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['final'\]"):
+        load_examples(str(path), question_column="problem", answer_column="final")
     unboxed = tmp_path / "unboxed.jsonl"
     unboxed.write_text(json.dumps({"question": "1+1?", "solution": "it is 2"}) + "\n")
-    with pytest.raises(ValueError, match=r"row 0: no answer column and no \\boxed\{\} in the solution"):
-        load_examples(str(unboxed), "train")
+    with pytest.raises(ValueError, match=r"row 0: no answer column and no final answer .* set --answer_column"):
+        load_examples(str(unboxed))
     numeric = tmp_path / "numeric.jsonl"
     numeric.write_text(json.dumps({"question": "1+1?", "solution": "it is 2", "answer": 2}) + "\n")
-    assert load_examples(str(numeric), "train")[0].answer == "2"
-    with pytest.raises(ValueError, match="expected 'builtin' or a"):
-        load_examples("some/hub-name", "train")
+    assert load_examples(str(numeric), answer_column="answer")[0].answer == "2"
+
+
+def test_folders_and_presets_go_through_load_dataset_with_their_splits(tmp_path, monkeypatch):
+    """A local folder with train and test files opens as a hub data set does; a preset names its columns.
+    Here the GSM8K preset points at a local copy in GSM8K's format (answers after '####')."""
+    gsm8k = tmp_path / "gsm8k"
+    gsm8k.mkdir()
+    for split, (q, a) in (("train", ("1+1?", 2)), ("test", ("2+3?", 5))):
+        (gsm8k / f"{split}.jsonl").write_text(json.dumps({"question": q, "answer": f"{q[:-1]} is {a}.\n#### {a}"}))
+    monkeypatch.setitem(data.PRESETS, "gsm8k", (str(gsm8k), None, "question", "answer", None))
+    assert load_examples("gsm8k", "test") == [Example("2+3?", "2+3 is 5.\n#### 5", "5")]
+    assert load_examples(str(gsm8k), "train") == [Example("1+1?", "1+1 is 2.\n#### 2", "2")]  # by hub name
+    with pytest.raises(ValueError, match=r"has no 'validation' split; it has \['train', 'test'\]"):
+        load_examples("gsm8k", "validation")
+    one_split = tmp_path / "aime"
+    one_split.mkdir()
+    (one_split / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert load_examples(str(one_split), "test", question_column="problem") == EXAMPLES  # its only split
+    assert data.PRESETS["openthoughts"][:4] == ("siyanzhao/Openthoughts_math_30k_opsd", None, "problem", "solution")
+
+
+def test_a_long_reference_is_cut_in_its_middle_and_what_cannot_fit_is_skipped(capsys):
+    tokenizer = char_tokenizer()
+    solution = "first line. " + "filler " * 40 + "last line. \\boxed{7}"
+    long = Example("what is 3+4?", solution, "7")
+    full = len(encode(teacher_prompt(long, tokenizer), tokenizer))
+    short = shorten_reference(long, tokenizer, full - 100)
+    teacher = teacher_prompt(short, tokenizer)
+    assert len(encode(teacher, tokenizer)) <= full - 100
+    assert "Problem: what is 3+4?" in teacher and teacher.endswith(INSTRUCTION.format())
+    assert short.solution.startswith("first line.") and short.solution.endswith("\\boxed{7}")
+    assert "tokens left out ...]" in short.solution and short.question == long.question
+    assert shorten_reference(long, tokenizer, full) is long
+    assert shorten_reference(long, tokenizer, 30) is None  # not even the question and instructions fit
+    fitted = fit_prompts([long, Example("1+1?", "\\boxed{2}", "2")] * 2, tokenizer, full - 100)
+    assert len(fitted) == 4 and fitted[0] == short
+    assert "2 of 4 examples had their reference solution shortened and 0 were skipped" in capsys.readouterr().out
+    with_template = qwen3_tokenizer()
+    limit = len(encode(teacher_prompt(long, with_template), with_template)) - 50
+    short = shorten_reference(long, with_template, limit)
+    assert len(encode(teacher_prompt(short, with_template), with_template)) <= limit
+    assert teacher_prompt(short, with_template).startswith("<|im_start|>user\nProblem: what is 3+4?")
 
 
 @pytest.mark.parametrize("text, answer", [

@@ -1,6 +1,7 @@
 """The command line, the training loop, checkpoints and resuming, on a tiny random model."""
 
 import json
+import re
 from dataclasses import fields
 
 import pytest
@@ -13,7 +14,7 @@ from opsd import Config, parse_config, save_checkpoint, train
 
 def small_config(model_dir, out_dir, **changes) -> Config:
     settings = dict(model=str(model_dir), out_dir=str(out_dir), steps=2, batch_size=4, micro_batch_size=4,
-                    max_new_tokens=6, eval_every=2, eval_size=4, save_every=1)
+                    max_new_tokens=6, eval_every=2, eval_size=4, save_every=1, dtype="float32")
     return Config(**{**settings, **changes})
 
 
@@ -110,13 +111,18 @@ def test_ema_teacher_moves_toward_the_student(model_dir, tmp_path, sampled_token
     assert any(not start[n].equal(student[n]) for n in start)
 
 
-def test_a_prompt_longer_than_the_context_is_an_error(model_dir, tmp_path):
+def test_prompts_that_do_not_fit_the_context_are_skipped_or_refused(model_dir, tmp_path, capsys):
     short = AutoModelForCausalLM.from_pretrained(model_dir)
-    short.config.max_position_embeddings = 110  # the teacher prompts are about 100 tokens long
+    short.config.max_position_embeddings = 118  # teacher prompts are 85-105 tokens long, rollouts up to 20
     short.save_pretrained(tmp_path / "short")
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp_path / "short")
-    with pytest.raises(ValueError, match=r"plus max_new_tokens=20 exceeds the model's context of 110"):
-        train(small_config(tmp_path / "short", tmp_path / "run", max_new_tokens=20))
+    train(small_config(tmp_path / "short", tmp_path / "run", max_new_tokens=20))
+    assert re.search(r"warning: 0 of 20000 examples had their reference solution shortened and [1-9]\d* were "
+                     r"skipped to fit their prompts in 98 tokens", capsys.readouterr().out)
+    with pytest.raises(ValueError, match=r"0 training and 0 held-out problems fit in 28 prompt tokens"):
+        train(small_config(tmp_path / "short", tmp_path / "run2", max_new_tokens=90))
+    with pytest.raises(ValueError, match=r"max_new_tokens=118 leaves no room for a prompt in the model's context"):
+        train(small_config(tmp_path / "short", tmp_path / "run3", max_new_tokens=118))
 
 
 def test_fused_and_plain_training_take_the_same_step(model_dir, tmp_path, monkeypatch):

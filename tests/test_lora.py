@@ -1,0 +1,126 @@
+"""LoRA and a real-model layout: a tiny random Qwen3 with a Qwen3-style chat template, trained with adapters
+and the fixed teacher (the same network, adapters off)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, qwen3_tokenizer
+from test_train import small_config
+from transformers import AutoModelForCausalLM
+
+import opsd
+from opsd import LoRALinear, adapters_off, add_lora, lora_layers, parse_config, train
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IDS = torch.tensor([[5, 17, 30, 41, 9, 77, 3, 12]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def lora_model(seed=0):
+    model = make_model("qwen3", qwen3_tokenizer(), seed)
+    add_lora(model, rank=4, alpha=8, targets=TARGETS)
+    return model
+
+
+def test_adapters_start_at_zero_so_step_0_is_the_base_model():
+    base, model = make_model("qwen3", qwen3_tokenizer()), lora_model()
+    assert len(lora_layers(model)) == 2 * len(TARGETS)
+    assert torch.equal(logits(model), logits(base))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n in trainable)
+
+
+def test_only_adapter_parameters_get_gradients():
+    model = lora_model()
+    for layer in lora_layers(model):  # B starts at zero, which gives A a zero gradient: move B first
+        torch.nn.init.normal_(layer.lora_B)
+    model(input_ids=IDS).logits.logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_unknown_target_names_are_an_error_that_lists_the_real_ones():
+    with pytest.raises(ValueError, match=r"no linear layer is named \['qkv'\]; this model's are \['down_proj', "
+                                         r"'gate_proj', 'k_proj', 'lm_head', 'o_proj'.*set --lora_targets"):
+        add_lora(make_model("qwen3", qwen3_tokenizer()), 4, 8, ["qkv"])
+
+
+def test_an_ema_teacher_with_lora_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--lora_rank", "4", "--teacher_decay", "0.5"])
+    assert "an EMA needs weights of its own" in capsys.readouterr().err
+
+
+def test_trained_adapters_merge_reload_and_switch_off_to_the_base(qwen3_dir, tmp_path):
+    run = tmp_path / "run"
+    train(small_config(qwen3_dir, run, lora_rank=4, lora_alpha=8, lr=1e-2, max_new_tokens=8, steps=3))
+    checkpoint = run / "step_3"
+    base = AutoModelForCausalLM.from_pretrained(qwen3_dir)
+    model = AutoModelForCausalLM.from_pretrained(qwen3_dir)
+    add_lora(model, 4, 8, TARGETS)
+    model.load_state_dict(torch.load(checkpoint / "adapters.pt"), strict=False)
+    assert all(layer.lora_B.abs().sum() > 0 for layer in lora_layers(model))  # they trained
+    with adapters_off(model):
+        assert torch.equal(logits(model), logits(base))  # the fixed teacher is exactly the base model
+    trained = logits(model)
+    assert not torch.allclose(trained, logits(base), atol=1e-4)
+    merged = AutoModelForCausalLM.from_pretrained(checkpoint)  # a plain model: no opsd needed to load it
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    torch.testing.assert_close(logits(merged), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_training_resumes_exactly_and_fused_equals_plain(qwen3_dir, tmp_path, monkeypatch):
+    lora = dict(lora_rank=4, lora_alpha=8, max_new_tokens=8, save_merged=False)
+    train(small_config(qwen3_dir, tmp_path / "straight", steps=2, **lora))
+    train(small_config(qwen3_dir, tmp_path / "resumed", steps=1, **lora))
+    train(small_config(qwen3_dir, tmp_path / "resumed", steps=2, resume=True, **lora))
+    straight, resumed = (torch.load(tmp_path / name / "step_2" / "adapters.pt") for name in ("straight", "resumed"))
+    assert not (tmp_path / "straight" / "step_2" / "config.json").exists()  # adapters alone
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    for name, fused in (("fused", True), ("plain", False)):
+        train(small_config(qwen3_dir, tmp_path / name, steps=1, fused=fused, lr=1.0, grad_clip=1e9, **lora))
+    fused, plain = (torch.load(tmp_path / name / "step_1" / "adapters.pt") for name in ("fused", "plain"))
+    for name in fused:
+        torch.testing.assert_close(fused[name], plain[name], atol=1e-5, rtol=0)
+
+
+def test_the_fixed_teacher_is_the_student_network_with_adapters_off(qwen3_dir, tmp_path, monkeypatch):
+    """No second copy of the weights: every teacher forward runs on the student's own modules."""
+    seen = []
+    original = opsd.completion_hidden
+
+    def spy(model, prompts, completions):
+        seen.append((id(model), tuple(layer.enabled for layer in lora_layers(model))))
+        return original(model, prompts, completions)
+
+    monkeypatch.setattr(opsd, "completion_hidden", spy)
+    train(small_config(qwen3_dir, tmp_path / "run", steps=1, lora_rank=4, lora_alpha=8, max_new_tokens=8))
+    assert len({model for model, _ in seen}) == 1
+    assert [all(enabled) for _, enabled in seen] == [False, True]  # teacher (adapters off), then student
+
+
+def test_cli_trains_the_qwen3_stand_in_with_lora_and_gradient_checkpointing(qwen3_dir, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "opsd.py", "--model", str(qwen3_dir), "--out_dir", str(tmp_path / "run"), "--steps", "2",
+         "--batch_size", "4", "--micro_batch_size", "2", "--max_new_tokens", "8", "--eval_size", "4",
+         "--lora_rank", "4", "--lora_alpha", "8", "--gradient_checkpointing", "--max_prompt_tokens", "115"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "held-out problems (teacher with reference" in done.stdout.strip().splitlines()[-1]
+    assert "were skipped to fit their prompts in 115 tokens" in done.stdout  # teacher prompts: 106-124
+    checkpoint = tmp_path / "run" / "step_2"
+    assert (checkpoint / "adapters.pt").exists() and (checkpoint / "model.safetensors").exists()
