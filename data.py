@@ -59,11 +59,17 @@ def builtin_examples(split: str, n: int, seed: int = 0) -> list[Example]:
 
 
 # Hub data sets whose columns are known: name -> (hub name, config, question, solution, answer column).
-# Without an answer column the answer is read from the solution (the last \boxed{}, or what follows '####').
+# Without an answer column the answer is read from the solution (the last \boxed{}, or what follows '####');
+# without a solution column there is no reference: fine for evaluating a student, not for training.
 PRESETS = {
     "openthoughts": ("siyanzhao/Openthoughts_math_30k_opsd", None, "problem", "solution", None),  # the paper's
     "gsm8k": ("openai/gsm8k", "main", "question", "answer", None),  # the solution ends with '#### 42'
     "math": ("DigitalLearningGmbH/MATH-lighteval", None, "problem", "solution", None),  # \boxed{} answers
+    # the paper's benchmarks, and MATH-500
+    "aime24": ("HuggingFaceH4/aime_2024", None, "problem", "solution", "answer"),
+    "aime25": ("yentinglin/aime_2025", None, "problem", None, "answer"),
+    "hmmt25": ("MathArena/hmmt_feb_2025", None, "problem", None, "answer"),
+    "math500": ("HuggingFaceH4/MATH-500", None, "problem", "solution", "answer"),
 }
 
 
@@ -82,7 +88,7 @@ def load_examples(source: str, split: str = "train", n: int | None = None, seed:
 
     preset = PRESETS.get(source) or next((p for p in PRESETS.values() if p[0] == source), None)
     name, config, *columns = preset or (source, None, "question", "solution", None)
-    question_column, solution_column = question_column or columns[0], solution_column or columns[1]
+    question_column, solution_column = question_column or columns[0], solution_column or columns[1] or ""
     answer_column = answer_column or columns[2]
     kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(source.rsplit(".", 1)[-1])
     if kind:
@@ -98,11 +104,11 @@ def load_examples(source: str, split: str = "train", n: int | None = None, seed:
                          "the right ones with --question_column, --solution_column, --answer_column.")
     examples = []
     for i, r in enumerate(rows.select(range(min(n or len(rows), len(rows))))):
-        answer = str(r[answer_column]) if answer_column else extract_answer(r[solution_column])
+        answer = str(r[answer_column]) if answer_column else extract_answer(r.get(solution_column) or "")
         if answer is None:
             raise ValueError(f"dataset {source!r}, row {i}: no answer column and no final answer (\\boxed{{}} "
                              "or '####') in the solution: set --answer_column")
-        examples.append(Example(r[question_column], r[solution_column], answer))
+        examples.append(Example(r[question_column], r[solution_column] if solution_column else "", answer))
     return examples
 
 

@@ -1,91 +1,283 @@
 """evaluate.py: how well does the model answer, from the question alone or with the reference in its context?
 
-Owns: answer extraction (the last \\boxed{...}), a numeric equivalence check, and the evaluation loop:
-the accuracy averaged over k sampled completions per problem (the paper's Avg@k), and its command line.
-Leaves out: symbolic equivalence (fractions, surds, intervals), pass@k and maj@k.
+Owns: answer extraction (the last \\boxed{...}, with fallbacks), grading answers as mathematics rather than
+as strings, the evaluation loop (avg@k, the paper's headline; pass@k; maj@k; completion lengths and
+truncation; one JSONL row per problem) and its command line, with the paper's benchmarks as presets.
+Leaves out: general symbolic algebra (expressions in variables, equations, matrices: math_verify covers
+some of it where it is installed) and a fast inference engine (the sampler is opsd.sample).
 
     python evaluate.py --model tiny/model                    # the tiny base model, question alone
     python evaluate.py --model tiny/model --with_reference   # the same model as the teacher
+    python evaluate.py --model Qwen/Qwen3-1.7B --dataset aime24 --samples 12 --thinking \\
+        --temperature 1.0 --top_p 0.95 --max_new_tokens 38912 --batch_size 12   # the paper's Avg@12
 """
 
 import argparse
+import ast
+import json
+import math
+import operator
+import re
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from data import Example, encode, load_examples, student_prompt, teacher_prompt
+from data import PRESETS, Example, encode, load_examples, student_prompt, teacher_prompt
 
+try:
+    import math_verify  # optional: symbolic equivalence, asked only where the rules below cannot decide
+except ImportError:
+    math_verify = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Extracting the final answer from a completion.
 
 def extract_answer(text: str) -> str | None:
-    """The content of the last \\boxed{...}, nested braces included (None if it is cut off); without a box,
-    what follows the last '####' (GSM8K's solutions); else None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return text.rsplit("####", 1)[1].strip() or None if "####" in text else None
-    depth, begin = 0, start + len("\\boxed{")
-    for i in range(begin, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth < 0:
-            return text[begin:i].strip()
+    """The content of the last \\boxed{...} or \\fbox{...}, nested braces included (None if it is cut off);
+    without a box, what follows the last '####' (GSM8K's convention) or 'the answer is'; else None."""
+    boxes = list(re.finditer(r"\\(?:boxed|fbox)\{", text))
+    if boxes:
+        depth, begin = 0, boxes[-1].end()
+        for i in range(begin, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth < 0:
+                return text[begin:i].strip()
+        return None  # cut off inside the box
+    for marker in ("####", "answer is:?"):
+        found = re.findall(marker + r"(.*)", text, re.IGNORECASE)
+        if found:
+            return re.sub(r"^[\s$*]+|[\s$*.]+$", "", found[-1]) or None
     return None
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Grading: two answers are equal when they are the same number, tuple or interval, whatever their form.
+
+def normalize(answer: str) -> str:
+    """The answer without what never changes its value: $, spaces, \\left/\\right, \\text{} and the like,
+    units after a number, degrees, percent signs, thousands separators, a leading 'x ='."""
+    s = re.sub(r"\\left|\\right|\\[!,;: ]|\\quad|\\displaystyle|~|\$", " ", answer)
+    s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree|\\?%", "", s)
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
+    s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)  # \sqrt2
+    while (unwrapped := re.sub(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{([^{}]*)\}", r" \1 ", s)) != s:
+        s = unwrapped
+    s = re.sub(r"^([-+]?[\d.,/]*\d)\s+(?:[a-zA-Z]+\.?\s*)+$", r"\1", s.strip())  # units: '5 cm' -> '5'
+    if s.count("=") == 1:
+        s = re.sub(r"^[a-zA-Z]\w*\s*=", "", s)  # 'x = 5' -> '5'
+    s = re.sub(r"\s+", "", s).rstrip(".").removeprefix("+")
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")  # 1,000 -> 1000
+    return re.sub(r"^\(([A-Za-z])\)$", r"\1", s)  # multiple choice: '(B)' -> 'B'
+
+
+OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+             ast.Pow: operator.pow}
+
+
+def to_number(answer: str) -> float | None:
+    """The value of a normalised answer made of numbers, + - * / ^, fractions, square roots and pi, else None.
+    The LaTeX becomes a Python expression that is evaluated node by node (never with eval)."""
+    try:
+        return float(answer)
+    except ValueError:
+        pass
+    expr = answer
+    while True:  # innermost braces first, so that fractions and roots can nest
+        new = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", expr)
+        new = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", new)
+        if new == expr:
+            break
+        expr = new
+    for latex, python in (("\\pi", "pi"), ("\\cdot", "*"), ("\\times", "*"), ("^", "**"), ("{", "("), ("}", ")")):
+        expr = expr.replace(latex, python)
+    expr = re.sub(r"(?<=[\d)])(?=[(a-z])|(?<=pi)(?=[\d(a-z])", "*", expr)  # 2sqrt(2) -> 2*sqrt(2)
+
+    def value(node) -> float:
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return float(node.value)
+        if isinstance(node, ast.Name) and node.id == "pi":
+            return math.pi
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in OPERATORS:
+            return OPERATORS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "sqrt" and len(node.args) == 1:
+            return math.sqrt(value(node.args[0]))
+        raise ValueError(f"not a number: {ast.dump(node)}")
+
+    try:
+        result = value(ast.parse(expr, mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError):
+        return None
+    return result if isinstance(result, float) and math.isfinite(result) else None
+
+
+def same_value(a: str, b: str) -> bool:
+    """Equal normalised strings, equal integers, or numbers equal to a relative 1e-6."""
+    if a == b:
+        return True
+    if re.fullmatch(r"-?\d+", a) and re.fullmatch(r"-?\d+", b):
+        return int(a) == int(b)  # exact, however large
+    x, y = to_number(a), to_number(b)
+    return x is not None and y is not None and math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def split_items(answer: str) -> tuple[str, list[str]]:
+    """A tuple or interval as its brackets and items: '[0,\\frac{1}{2})' -> ('[)', ['0', '\\frac{1}{2}']);
+    a single value as ('', [value])."""
+    brackets, inner = "", answer
+    if len(answer) > 1 and answer[0] in "([" and answer[-1] in ")]":
+        brackets, inner = answer[0] + answer[-1], answer[1:-1]
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(inner):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            items.append(inner[start:i])
+            start = i + 1
+    items.append(inner[start:])
+    return (brackets, items) if len(items) > 1 else ("", [answer])
+
+
 def is_equivalent(pred: str | None, gold: str) -> bool:
-    """Equal as numbers where both are numbers ('1,000' = '1000.0'), else equal as strings without spaces and $."""
+    """Whether a predicted answer equals the gold one as mathematics (see normalize and to_number); tuples
+    and intervals item by item, with the same brackets. Where the rules cannot decide (not both numbers)
+    and math_verify is installed, it has the last word."""
     if pred is None:
         return False
-    pred, gold = (s.replace("$", "").replace(" ", "") for s in (pred, gold))
+    pred, gold = normalize(pred), normalize(gold)
+    (pred_brackets, pred_items), (gold_brackets, gold_items) = split_items(pred), split_items(gold)
+    if pred_brackets == gold_brackets and len(pred_items) == len(gold_items):
+        if all(map(same_value, pred_items, gold_items)):
+            return True
+    if math_verify is None or (to_number(pred) is not None and to_number(gold) is not None):
+        return False  # two different numbers: nothing left to ask
     try:
-        return abs(float(pred.replace(",", "")) - float(gold.replace(",", ""))) < 1e-6
-    except ValueError:
-        return pred == gold
+        return bool(math_verify.verify(math_verify.parse(f"${gold}$"), math_verify.parse(f"${pred}$")))
+    except Exception:  # its parser fails on some inputs (and off the main thread): keep the rules' answer
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scores over k completions per problem.
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which c are correct: 1 - C(n - c, k) / C(n, k)."""
+    return 1.0 if n - c < k else 1 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def grade(completions: list[str], answer: str) -> dict:
+    """One problem's completions: the answer each gives, whether it is right, and the majority answer
+    (equivalent answers vote together; the first to reach the top count wins a tie)."""
+    extracted = [extract_answer(c) for c in completions]
+    votes = []  # [representative answer, count]
+    for a in filter(None, extracted):
+        group = next((g for g in votes if is_equivalent(a, g[0])), None)
+        if group:
+            group[1] += 1
+        else:
+            votes.append([a, 1])
+    majority = max(votes, key=lambda g: g[1])[0] if votes else None
+    return {"extracted": extracted, "correct": [is_equivalent(a, answer) for a in extracted],
+            "majority": majority, "majority_correct": is_equivalent(majority, answer)}
+
+
+def mean(values) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def summarize(rows: list[dict], k: int) -> dict:
+    """avg@k (the mean accuracy over all completions: the paper's headline), pass@j for j = 1, 2, 4, ..., k,
+    maj@k, the mean completion length in tokens and the fraction of completions cut off at the limit."""
+    scores = {"problems": len(rows), "samples": k, f"avg@{k}": mean([mean(r["correct"]) for r in rows])}
+    for j in sorted({2 ** i for i in range(k.bit_length()) if 2 ** i <= k} | {k}):
+        scores[f"pass@{j}"] = mean([pass_at_k(k, sum(r["correct"]), j) for r in rows])
+    scores[f"maj@{k}"] = mean([r["majority_correct"] for r in rows])
+    scores["mean_length"] = mean([n for r in rows for n in r["lengths"]])
+    scores["truncated"] = mean([t for r in rows for t in r["truncated"]])
+    return scores
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, examples: list[Example], with_reference: bool = False, thinking: bool = False,
              samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             max_new_tokens: int = 64, batch_size: int = 256, seed: int = 0) -> float:
-    """Accuracy averaged over `samples` completions per problem (Avg@k). The student sees the question
-    alone; with_reference=True gives the model the teacher's context instead."""
+             max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0, out_path: str | None = None,
+             progress: bool = False) -> dict:
+    """Samples `samples` completions per problem and returns summarize's scores; out_path gets one JSONL row
+    per problem. The student sees the question alone; with_reference=True gives the teacher's context."""
     from opsd import sample  # imported here: opsd imports this file
 
-    prompt = teacher_prompt if with_reference else student_prompt
-    prompts = [encode(prompt(ex, tokenizer, thinking), tokenizer) for ex in examples for _ in range(samples)]
-    answers = [ex.answer for ex in examples for _ in range(samples)]
+    if with_reference and not all(ex.solution for ex in examples):
+        raise ValueError("with_reference needs reference solutions, and some problems have none: name the "
+                         "column with --solution_column")
+    render = teacher_prompt if with_reference else student_prompt
+    prompts = [render(ex, tokenizer, thinking) for ex in examples]
+    ids = [encode(p, tokenizer) for p in prompts]
+    jobs = sorted(((i, s) for i in range(len(examples)) for s in range(samples)), key=lambda job: len(ids[job[0]]))
+    completions = [[[] for _ in range(samples)] for _ in examples]
     generator = torch.Generator(model.device).manual_seed(seed)
     model.eval()
-    correct = 0
-    for i in range(0, len(prompts), batch_size):
-        completions = sample(model, prompts[i:i + batch_size], max_new_tokens, temperature, top_p, top_k,
-                             tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        correct += sum(is_equivalent(extract_answer(t), a) for t, a in zip(texts, answers[i:i + batch_size]))
-    return correct / len(prompts)
+    for start in tqdm(range(0, len(jobs), batch_size), desc="evaluate", disable=not progress):
+        batch = jobs[start:start + batch_size]  # prompts of similar lengths: little padding
+        outputs = sample(model, [ids[i] for i, _ in batch], max_new_tokens, temperature, top_p, top_k,
+                         tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+        for (i, s), output in zip(batch, outputs):
+            completions[i][s] = output
+    rows = []
+    for ex, prompt, outputs in zip(examples, prompts, completions):
+        texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
+        rows.append({"question": ex.question, "answer": ex.answer, "prompt": prompt, "completions": texts,
+                     **grade(texts, ex.answer), "lengths": [len(o) for o in outputs],
+                     "truncated": [len(o) == max_new_tokens and o[-1] != tokenizer.eos_token_id for o in outputs]})
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return summarize(rows, samples)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny/model", help="local path or hub name of the model")
-    parser.add_argument("--dataset", default="builtin", help="'builtin' or a local JSON/JSONL/CSV/parquet file")
-    parser.add_argument("--n", type=int, default=500, help="number of problems")
+    parser.add_argument("--dataset", default="builtin", help="'builtin', a preset (" + ", ".join(PRESETS) +
+                        "), a hub data set or a local JSON/JSONL/CSV/parquet file")
+    parser.add_argument("--split", default="test", help="split of a hub data set (one with a single split uses it)")
+    parser.add_argument("--n", type=int, default=None, help="number of problems (default: all; built-in: 500)")
+    for column in ("question", "solution", "answer"):
+        parser.add_argument(f"--{column}_column", default="", help=f"column of the {column}s (default: the preset's)")
     parser.add_argument("--with_reference", action="store_true", help="show the reference solution (teacher)")
     parser.add_argument("--thinking", action="store_true", help="chat template with thinking on")
-    parser.add_argument("--samples", type=int, default=1, help="completions per problem (k of Avg@k)")
+    parser.add_argument("--samples", type=int, default=1, help="completions per problem (k of avg@k)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0, help="0 keeps the whole vocabulary")
     parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=64, help="completions sampled at once")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
+    parser.add_argument("--out", default=None, help="JSONL of every completion (default: runs/eval/DATASET.jsonl)")
     args = parser.parse_args()
 
     from opsd import load_model
 
-    model, tokenizer = load_model(args.model)
-    examples = load_examples(args.dataset, "test", args.n)
-    acc = evaluate(model, tokenizer, examples, with_reference=args.with_reference, thinking=args.thinking,
-                   samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   max_new_tokens=args.max_new_tokens, seed=args.seed)
+    model, tokenizer = load_model(args.model, args.dtype, args.trust_remote_code)
+    examples = load_examples(args.dataset, args.split, args.n, question_column=args.question_column,
+                             solution_column=args.solution_column, answer_column=args.answer_column)
+    out = args.out or f"runs/eval/{Path(args.dataset).stem}.jsonl"
+    scores = evaluate(model, tokenizer, examples, with_reference=args.with_reference, thinking=args.thinking,
+                      samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, out_path=out,
+                      progress=True)
     context = "with the reference" if args.with_reference else "question alone"
-    print(f"{args.model}: {acc:.1%} avg@{args.samples} on {len(examples)} problems ({context})")
+    decoding = "greedy" if args.temperature == 0 else f"T {args.temperature}, top-p {args.top_p}, top-k {args.top_k}"
+    print(f"{args.model} on {args.dataset}: {len(examples)} problems, {context}, {args.samples} completion(s) each "
+          f"({decoding}), up to {args.max_new_tokens} new tokens, thinking {'on' if args.thinking else 'off'}")
+    print(" | ".join(f"{key} {value:.1%}" for key, value in scores.items() if "@" in key))
+    print(f"mean length {scores['mean_length']:.1f} tokens | truncated at the limit {scores['truncated']:.1%} | "
+          f"every completion: {out}")
 
 
 if __name__ == "__main__":

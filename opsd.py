@@ -514,10 +514,10 @@ def evaluate_both(model, teacher, tokenizer, examples, cfg: Config) -> dict:
     """Held-out accuracy of the student (question alone) and of the teacher (with the reference), greedy,
     sampled batch_size problems at a time like the rollouts (so no larger KV cache)."""
     student = evaluate(model, tokenizer, examples, with_reference=False, thinking=cfg.student_thinking,
-                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)["avg@1"]
     with adapters_off(teacher, cfg.teacher_decay == 1):
         teacher = evaluate(teacher, tokenizer, examples, with_reference=True, thinking=cfg.teacher_thinking,
-                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)["avg@1"]
     return {"student_acc": student, "teacher_acc": teacher}
 
 
@@ -570,6 +570,9 @@ def train(cfg: Config) -> list[dict]:
     columns = dict(question_column=cfg.question_column, solution_column=cfg.solution_column,
                    answer_column=cfg.answer_column)
     train_set = load_examples(cfg.dataset, "train", seed=cfg.seed, **columns)
+    if not all(ex.solution for ex in train_set):
+        raise ValueError(f"{cfg.dataset} has problems without a reference solution, which the teacher needs: "
+                         "name its column with --solution_column")
     if cfg.eval_dataset or cfg.dataset == "builtin":
         test_set = load_examples(cfg.eval_dataset or "builtin", "test", cfg.eval_size, cfg.seed, **columns)
     else:  # a fixed random eval_size problems of the data set, kept out of training
@@ -585,6 +588,8 @@ def train(cfg: Config) -> list[dict]:
     if len(train_set) < cfg.batch_size or not test_set:
         raise ValueError(f"{len(train_set)} training and {len(test_set)} held-out problems fit in {limit} prompt "
                          f"tokens: at least batch_size={cfg.batch_size} and 1 are needed")
+    if tokenizer.chat_template is None:
+        print(f"{cfg.model} has no chat template: the prompts are plain text and the thinking flags do nothing")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     fused = cfg.fused and logits_are_linear(model)
     if cfg.fused and not fused:

@@ -22,8 +22,8 @@ def test_the_shipped_base_model_copies_references_but_rarely_solves_alone():
     """The demo's premise: a wide gap between the two contexts for OPSD to close."""
     model, tokenizer = load_model(str(ROOT / "tiny" / "model"))
     examples = builtin_examples("test", 200)
-    assert evaluate(model, tokenizer, examples, with_reference=True, max_new_tokens=40) > 0.8
-    assert evaluate(model, tokenizer, examples, with_reference=False, max_new_tokens=40) < 0.3
+    assert evaluate(model, tokenizer, examples, with_reference=True, max_new_tokens=40)["avg@1"] > 0.8
+    assert evaluate(model, tokenizer, examples, with_reference=False, max_new_tokens=40)["avg@1"] < 0.3
 
 
 def test_evaluate_cli_on_a_local_model_and_file(model_dir, tmp_path):
@@ -31,8 +31,13 @@ def test_evaluate_cli_on_a_local_model_and_file(model_dir, tmp_path):
     data.write_text("".join(json.dumps({"question": q, "solution": f"\\boxed{{{a}}}"}) + "\n"
                             for q, a in [("1+1?", 2), ("2+2?", 4), ("3+3?", 6)]))
     out = run("evaluate.py", "--model", str(model_dir), "--dataset", str(data), "--samples", "2",
-              "--temperature", "1", "--max_new_tokens", "5")
-    assert "avg@2 on 3 problems (question alone)" in out
+              "--temperature", "1", "--max_new_tokens", "5", "--out", str(tmp_path / "rows.jsonl"))
+    head, scores, tail = out.strip().splitlines()[-3:]
+    assert "3 problems, question alone, 2 completion(s) each (T 1.0, top-p 1.0, top-k 0)" in head
+    assert scores.startswith("avg@2 ") and " | pass@1 " in scores and " | pass@2 " in scores and " | maj@2 " in scores
+    assert "truncated at the limit" in tail and str(tmp_path / "rows.jsonl") in tail
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == ["2", "4", "6"] and all(len(r["correct"]) == 2 for r in rows)
 
 
 def test_opsd_cli_trains_and_prints_the_summary(model_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""The built-in task, the tokenizer, the two prompts, local data files, and answer grading."""
+"""The built-in task, the tokenizer, the two prompts, hub and local data sets, fitting prompts."""
 
 import json
 
@@ -8,7 +8,7 @@ from conftest import qwen3_tokenizer
 import data
 from data import (INSTRUCTION, Example, builtin_examples, char_tokenizer, encode, fit_prompts, load_examples,
                   shorten_reference, student_prompt, teacher_prompt)
-from evaluate import extract_answer, is_equivalent
+from evaluate import extract_answer
 
 
 def test_builtin_task_is_deterministic_with_disjoint_splits():
@@ -132,23 +132,3 @@ def test_a_long_reference_is_cut_in_its_middle_and_what_cannot_fit_is_skipped(ca
     short = shorten_reference(long, with_template, limit)
     assert len(encode(teacher_prompt(short, with_template), with_template)) <= limit
     assert teacher_prompt(short, with_template).startswith("<|im_start|>user\nProblem: what is 3+4?")
-
-
-@pytest.mark.parametrize("text, answer", [
-    ("so \\boxed{42}", "42"),
-    ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
-    ("\\boxed{ {a}+{b} }", "{a}+{b}"),
-    ("no box here", None),
-    ("cut off \\boxed{12", None),
-])
-def test_extract_answer(text, answer):
-    assert extract_answer(text) == answer
-
-
-@pytest.mark.parametrize("pred, gold, same", [
-    ("42", "42", True), ("42.0", "42", True), ("1,000", "1000", True), (" $7$ ", "7", True), ("-3", "-3.00", True),
-    ("0.5", "0.50", True), ("41", "42", False), ("4.2", "42", False), (None, "42", False), ("x", "x", True),
-    ("x", "y", False),
-])
-def test_is_equivalent(pred, gold, same):
-    assert is_equivalent(pred, gold) is same

@@ -45,8 +45,8 @@ def main():
     rng = random.Random(0)
     for step in range(args.steps):
         if step % args.eval_every == 0 or step == args.steps - 1:
-            student = evaluate(model, tokenizer, test_set, with_reference=False, max_new_tokens=40)
-            teacher = evaluate(model, tokenizer, test_set, with_reference=True, max_new_tokens=40)
+            student = evaluate(model, tokenizer, test_set, with_reference=False, max_new_tokens=40)["avg@1"]
+            teacher = evaluate(model, tokenizer, test_set, with_reference=True, max_new_tokens=40)["avg@1"]
             print(f"step {step:5d}: student {student:.1%}, teacher {teacher:.1%}", flush=True)
         batch = rng.sample(train_set, 32)
         prompt = teacher_prompt if step % 2 else student_prompt  # both contexts, in turn

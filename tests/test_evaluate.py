@@ -1,0 +1,118 @@
+"""Answer extraction, grading as mathematics (with and without math_verify), pass@k, avg@k and maj@k, and the
+evaluation command line."""
+
+import itertools
+import json
+import math
+
+import pytest
+
+import evaluate
+from evaluate import extract_answer, grade, is_equivalent, pass_at_k, summarize
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("so \\boxed{42}", "42"),
+    ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # several boxes: the last
+    ("\\boxed{ {a}+{b} }", "{a}+{b}"),  # nested braces
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}.", "\\frac{\\sqrt{3}}{2}"),
+    ("first \\boxed{3}, finally \\fbox{4}", "4"),
+    ("no box here", None),
+    ("cut off \\boxed{12", None),  # a completion truncated inside its box has no answer
+    ("\\boxed{7} and then cut off \\boxed{\\frac{1}{", None),
+    ("48/2 = 24 clips.\n#### 24", "24"),  # GSM8K
+    ("So the answer is 17.", "17"),
+    ("The final answer is: $\\frac{3}{4}$.", "\\frac{3}{4}"),
+    ("#### ", None),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+PAIRS = [  # (prediction, gold, equal)
+    ("42", "42", True), ("42.0", "42", True), ("0.50", "0.5", True), ("41", "42", False), ("4.2", "42", False),
+    ("1,000", "1000", True), ("1,234,567.5", "1234567.5", True), ("1,001", "1000", False),  # thousands
+    ("-3", "-3.00", True), ("- 3", "-3", True), ("+7", "7", True), ("-7", "7", False),  # signs
+    ("\\frac{1}{2}", "0.5", True), ("\\dfrac{3}{4}", "3/4", True), ("\\tfrac12", "0.5", True),  # fractions
+    ("\\frac{2}{4}", "\\frac{1}{2}", True), ("0.33", "\\frac{1}{3}", False), ("1/3", "\\frac{1}{3}", True),
+    ("-\\frac{1}{2}", "-0.5", True), ("\\frac{1}{2}", "\\frac{1}{3}", False),
+    ("50\\%", "50", True), ("12.5%", "12.5", True),  # percentages
+    ("x = 5", "5", True), ("k=-2", "-2", True), ("x = 5", "6", False),  # a leading 'x ='
+    ("5\\text{ cm}", "5", True), ("\\text{5 apples}", "5", True), ("10\\mathrm{~m}", "10", True),  # units
+    ("30^\\circ", "30", True), ("45^{\\circ}", "45", True), ("90°", "90", True), ("\\text{(B)}", "B", True),
+    ("\\left( 1, \\frac{1}{2} \\right)", "(1,0.5)", True), ("(1, 2)", "(2, 1)", False),  # tuples
+    ("(1,2,3)", "(1,2)", False), ("[0, 1)", "[0,1)", True), ("[0,1)", "(0,1)", False),  # intervals
+    ("(-\\infty, 3]", "(-\\infty,3]", True),
+    ("2\\sqrt{2}", "\\sqrt{8}", True), ("\\sqrt2", "1.41421356", True), ("\\sqrt{3}", "\\sqrt{2}", False),  # surds
+    ("\\frac{9\\sqrt{23}}{23}", "\\frac{9}{\\sqrt{23}}", True), ("\\frac{\\sqrt{3}}{2}", "0.8660254", True),
+    ("3\\pi", "9.42477796", True), ("\\pi/2", "\\frac{\\pi}{2}", True), ("2\\pi", "\\pi", False),  # pi
+    ("10^{3}", "1000", True), ("2^{10}", "1024", True), ("$42$", "42", True), (" 7 ", "7", True),  # $ and spaces
+    ("123456789012345678901", "123456789012345678900", False),  # exact integers, however large
+    ("x", "x", True), ("x", "y", False), (None, "42", False), ("", "42", False),
+]
+
+
+@pytest.fixture(params=["rules", "math_verify"])
+def grader(request, monkeypatch):
+    """The built-in rules alone, and with math_verify installed (skipped where it is not)."""
+    if request.param == "rules":
+        monkeypatch.setattr(evaluate, "math_verify", None)
+    else:
+        monkeypatch.setattr(evaluate, "math_verify", pytest.importorskip("math_verify"))
+    return is_equivalent
+
+
+def test_answer_pairs_are_graded_as_mathematics(grader):
+    assert len(PAIRS) >= 40
+    wrong = [(pred, gold, same) for pred, gold, same in PAIRS if grader(pred, gold) is not same]
+    assert not wrong
+
+
+def test_math_verify_is_asked_only_when_the_rules_cannot_decide(monkeypatch):
+    pytest.importorskip("math_verify")
+    assert is_equivalent("x + 1", "1 + x")  # symbolic: math_verify
+    monkeypatch.setattr(evaluate, "math_verify", None)
+    assert not is_equivalent("x + 1", "1 + x")  # a gap of the rules alone (documented)
+
+
+@pytest.mark.parametrize("n, k", [(n, k) for n in range(1, 7) for k in range(1, n + 1)])
+def test_pass_at_k_matches_brute_force_enumeration(n, k):
+    for c in range(n + 1):
+        outcomes = [True] * c + [False] * (n - c)
+        subsets = list(itertools.combinations(outcomes, k))
+        assert math.isclose(pass_at_k(n, c, k), sum(map(any, subsets)) / len(subsets), abs_tol=1e-12)
+
+
+def test_avg_pass_and_maj_on_hand_made_completions():
+    rows = []
+    for completions, answer in [
+        (["\\boxed{4}", "\\boxed{4.0}", "\\boxed{5}", "no answer"], "4"),  # 2 of 4 right; majority 4
+        (["\\boxed{1/2}", "\\boxed{7}", "\\boxed{0.5}", "\\boxed{7}"], "7"),  # tie 2-2: the first group, 1/2
+        (["\\boxed{3}", "\\boxed{3}", "\\boxed{3}", "\\boxed{3}"], "2"),  # all wrong
+    ]:
+        rows.append({**grade(completions, answer), "lengths": [10, 20, 30, 40], "truncated": [False] * 3 + [True]})
+    assert rows[0]["extracted"] == ["4", "4.0", "5", None] and rows[0]["correct"] == [True, True, False, False]
+    assert rows[0]["majority"] == "4" and rows[1]["majority"] == "1/2" and not rows[1]["majority_correct"]
+    scores = summarize(rows, 4)
+    assert scores["avg@4"] == pytest.approx((2 / 4 + 2 / 4 + 0) / 3)
+    assert scores["pass@1"] == pytest.approx(scores["avg@4"])  # pass@1 is the mean accuracy
+    assert scores["pass@2"] == pytest.approx((1 - 1 / 6 + 1 - 1 / 6 + 0) / 3)  # 1 - C(2,2)/C(4,2)
+    assert scores["pass@4"] == pytest.approx(2 / 3) and scores["maj@4"] == pytest.approx(1 / 3)
+    assert scores["mean_length"] == 25 and scores["truncated"] == 0.25
+    assert list(scores) == ["problems", "samples", "avg@4", "pass@1", "pass@2", "pass@4", "maj@4", "mean_length",
+                            "truncated"]
+
+
+def test_evaluate_writes_a_row_per_problem_and_refuses_missing_references(model_dir, tmp_path):
+    from data import Example
+    from opsd import load_model
+    model, tokenizer = load_model(str(model_dir))
+    examples = [Example("1+1?", "1+1=2. \\boxed{2}", "2"), Example("2+3?", "", "5")]
+    out = tmp_path / "rows.jsonl"
+    scores = evaluate.evaluate(model, tokenizer, examples, samples=3, temperature=1.0, max_new_tokens=6, out_path=out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question"] for r in rows] == ["1+1?", "2+3?"] and all(len(r["completions"]) == 3 for r in rows)
+    assert rows[0]["prompt"].startswith("Problem: 1+1?") and all(r["lengths"] for r in rows)
+    assert scores["problems"] == 2 and scores["samples"] == 3 and scores["truncated"] > 0.5  # a random model
+    with pytest.raises(ValueError, match="with_reference needs reference solutions"):
+        evaluate.evaluate(model, tokenizer, examples, with_reference=True)
