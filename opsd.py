@@ -60,13 +60,16 @@ class Config:
     resume: bool = option(False, "continue the run in out_dir from its last checkpoint")
     seed: int = option(0, "seed of the problem order, the sampling and the initialisation")
     # rollouts: one per problem, sampled from the student
-    batch_size: int = option(32, "problems (rollouts) per optimizer step (paper: 32)")
+    batch_size: int = option(32, "problems per optimizer step, one rollout each unless group_size > 1 (paper: 32)")
     micro_batch_size: int = option(32, "rollouts per forward pass; smaller accumulates gradients")
     max_new_tokens: int = option(40, "rollout length limit (paper: 1024)")
     temperature: float = option(1.0, "sampling temperature; the loss divides both logits by it too (paper: 1.1)")
     top_p: float = option(1.0, "nucleus sampling mass (paper: 0.95)")
     top_k: int = option(0, "sample among the k likeliest tokens; 0 keeps all (paper: 20)")
     # the objective
+    method: str = option("opsd", "opsd, or a baseline in the same loop: sft (cross-entropy on the reference "
+                         "from the student prompt) or grpo (reward 1 for a right answer, normalised in each group)")
+    group_size: int = option(1, "rollouts per problem, side by side (grpo needs 2 or more; the paper's GRPO: 8)")
     beta: float = option(0.5, "0 forward KL(p_T||p_S) (paper v3), 1 reverse KL(p_S||p_T), between: JSD_beta (v1: 0.5)")
     clip: float | None = option(None, "cap on each per-vocabulary term of the divergence (paper v3: 0.05); none = off")
     sampled_token: bool = option(False, "sampled-token loss: -(log p_T - log p_S)(y_n) log p_S(y_n), O(1) per token")
@@ -110,8 +113,11 @@ class Config:
             "steps, max_new_tokens, max_prompt_tokens, eval_every, eval_size, save_every must be > 0": min(
                 self.steps, self.max_new_tokens, self.max_prompt_tokens, self.eval_every, self.eval_size,
                 self.save_every) > 0,
-            "batch_size must be a positive multiple of micro_batch_size":
-                self.micro_batch_size > 0 and self.batch_size > 0 and self.batch_size % self.micro_batch_size == 0,
+            "method must be opsd, sft or grpo": self.method in ("opsd", "sft", "grpo"),
+            "grpo needs group_size >= 2 (one rollout has no advantage)": self.method != "grpo" or self.group_size > 1,
+            "batch_size x group_size must be a positive multiple of micro_batch_size": min(
+                self.micro_batch_size, self.batch_size, self.group_size) > 0 and (
+                self.batch_size * self.group_size) % self.micro_batch_size == 0,
         }
         problems = [message for message, ok in checks.items() if not ok]
         if problems:
@@ -287,15 +293,29 @@ def divergence(student_logits, teacher_logits, mask, beta=0.0, temperature=1.0, 
     return masked_mean(terms.sum(-1), mask)
 
 
+def weighted_nll(student_logits, completion_ids, weights, mask, temperature=1.0):
+    """The mean over completion tokens of -w_n log p_S(y_n), weights (B, L) or (B, 1) held constant. w = 1
+    is SFT's cross-entropy; a detached advantage makes it a policy gradient: GRPO's (one advantage per
+    rollout) and the sampled-token loss (one per token). No importance ratio: the samples are on-policy."""
+    student_logp = log_probs(student_logits, temperature).gather(-1, completion_ids[..., None]).squeeze(-1)  # (B, L)
+    return masked_mean(-weights.detach() * student_logp, mask)
+
+
 def sampled_token_loss(student_logits, teacher_logits, completion_ids, mask, temperature=1.0):
-    """The sampled-token variant: advantage A_n = log p_T(y_n) - log p_S(y_n), detached, and the loss
-    -A_n log p_S(y_n). Its gradient is the reverse KL's in expectation over y_n ~ p_S. No importance
-    ratio: the tokens were sampled from the student itself (on-policy)."""
+    """The sampled-token variant: advantage A_n = log p_T(y_n) - log p_S(y_n), held constant, and the loss
+    -A_n log p_S(y_n). Its gradient is the reverse KL's in expectation over y_n ~ p_S."""
     index = completion_ids[..., None]  # (B, L, 1)
+    teacher_logp = log_probs(teacher_logits, temperature).gather(-1, index).squeeze(-1)  # (B, L)
     student_logp = log_probs(student_logits, temperature).gather(-1, index).squeeze(-1)  # (B, L)
-    teacher_logp = log_probs(teacher_logits.detach(), temperature).gather(-1, index).squeeze(-1)  # (B, L)
-    advantage = (teacher_logp - student_logp).detach()
-    return masked_mean(-advantage * student_logp, mask)
+    return weighted_nll(student_logits, completion_ids, teacher_logp - student_logp, mask, temperature)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GRPO's advantages (B,) for rewards (B,) that come in groups of group_size rollouts of one problem: the
+    reward minus its group's mean, over the group's standard deviation (+ 1e-4). A group whose rollouts all
+    score the same gets zero advantage: it has nothing to teach."""
+    grouped = rewards.view(-1, group_size)  # (problems, G)
+    return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -548,7 +568,7 @@ def train(cfg: Config) -> list[dict]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # The teacher, never trained: the initial weights (teacher_decay 1), the live ones (0) or an EMA. With LoRA
     # or the live weights it is the student's own network (adapters off for the fixed one): no second copy.
-    if lora or cfg.teacher_decay == 0:
+    if lora or cfg.teacher_decay == 0 or cfg.method != "opsd":  # the baselines only evaluate it
         teacher = model
     else:
         from_base = cfg.teacher_decay == 1 or checkpoint is None
@@ -612,37 +632,54 @@ def train(cfg: Config) -> list[dict]:
         step_start = time.time()
         # The problems and the sampling noise depend on (seed, step) alone, so a resumed run sees the same.
         batch = random.Random(cfg.seed * 1_000_003 + step).sample(train_set, cfg.batch_size)
+        problems = [ex for ex in batch for _ in range(cfg.group_size)]  # each problem group_size times in a row
         generator = torch.Generator(model.device).manual_seed(cfg.seed * 1_000_003 + step)
-        student_ids = [encode(student_prompt(ex, tokenizer, cfg.student_thinking), tokenizer) for ex in batch]
-        teacher_ids = [encode(teacher_prompt(ex, tokenizer, cfg.teacher_thinking), tokenizer) for ex in batch]
+        student_ids = [encode(student_prompt(ex, tokenizer, cfg.student_thinking), tokenizer) for ex in problems]
+        teacher_ids = [encode(teacher_prompt(ex, tokenizer, cfg.teacher_thinking), tokenizer) for ex in problems]
 
-        # 1. Sample one rollout per problem from the student, on the plain prompt.
+        # 1. Sample the rollouts from the student, on the plain prompt. (SFT takes the reference solution instead.)
         model.eval()
-        completions = sample(model, student_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
-                             eos, pad, generator)
+        if cfg.method == "sft":
+            completions = [(tokenizer(ex.solution, add_special_tokens=False).input_ids + [eos])[:cfg.max_new_tokens]
+                           for ex in problems]
+        else:
+            completions = sample(model, student_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
+                                 eos, pad, generator)
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        rewards = torch.tensor([float(is_equivalent(extract_answer(t), ex.answer)) for t, ex in zip(texts, problems)])
         n_tokens = sum(map(len, completions))  # the loss is normalised by the tokens of the whole step
         totals = {"loss": 0.0, "divergence": 0.0, "clipped_mass": 0.0}
-        for i in range(0, cfg.batch_size, cfg.micro_batch_size):
+        advantages = group_advantages(rewards, cfg.group_size) if cfg.method == "grpo" else torch.ones_like(rewards)
+        for i in range(0, len(problems), cfg.micro_batch_size):
             part = slice(i, i + cfg.micro_batch_size)
-            # 2. Re-score the same tokens with the teacher: privileged context, no grad (a target, not a model
-            #    being trained). The fused path stops at the hidden states and applies the LM head in the loss.
-            teacher.eval()
-            with torch.no_grad(), adapters_off(teacher, cfg.teacher_decay == 1):
-                teacher_out, mask = forward(teacher, teacher_ids[part], completions[part])
-            # 3. The student on its own rollout, and the per-token divergence on completion tokens.
-            model.train()
-            student_out, mask = forward(model, student_ids[part], completions[part])
             stats = {}
-            completion_ids = pad_right(completions[part], model.device) if cfg.sampled_token else None
-            if fused:
-                loss = fused_divergence(student_out, teacher_out, lm_head(model).weight, mask, cfg.beta,
-                                        cfg.temperature, cfg.clip, teacher_weight=lm_head(teacher).weight,
-                                        stats=stats, sampled_ids=completion_ids)
-            elif cfg.sampled_token:
-                loss = sampled_token_loss(student_out, teacher_out, completion_ids, mask, cfg.temperature)
-                divergence(student_out.detach(), teacher_out, mask, cfg.beta, cfg.temperature, cfg.clip, stats)
+            if cfg.method == "opsd":
+                # 2. Re-score the same tokens with the teacher: privileged context, no grad (a target, not a
+                #    model being trained). The fused path stops at the hidden states; the loss applies the head.
+                teacher.eval()
+                with torch.no_grad(), adapters_off(teacher, cfg.teacher_decay == 1):
+                    teacher_out, mask = forward(teacher, teacher_ids[part], completions[part])
+                # 3. The student on its own rollout, and the per-token divergence on completion tokens.
+                model.train()
+                student_out, mask = forward(model, student_ids[part], completions[part])
+                completion_ids = pad_right(completions[part], model.device) if cfg.sampled_token else None
+                if fused:
+                    loss = fused_divergence(student_out, teacher_out, lm_head(model).weight, mask, cfg.beta,
+                                            cfg.temperature, cfg.clip, teacher_weight=lm_head(teacher).weight,
+                                            stats=stats, sampled_ids=completion_ids)
+                elif cfg.sampled_token:
+                    loss = sampled_token_loss(student_out, teacher_out, completion_ids, mask, cfg.temperature)
+                    divergence(student_out.detach(), teacher_out, mask, cfg.beta, cfg.temperature, cfg.clip, stats)
+                else:
+                    loss = divergence(student_out, teacher_out, mask, cfg.beta, cfg.temperature, cfg.clip, stats)
             else:
-                loss = divergence(student_out, teacher_out, mask, cfg.beta, cfg.temperature, cfg.clip, stats)
+                # 2-3. The baselines, no teacher: -A log p_S(y_n) on every completion token, with A = 1 for SFT
+                #      (cross-entropy on the reference) and the rollout's group-normalised reward for GRPO.
+                model.train()
+                student_logits, mask = completion_logits(model, student_ids[part], completions[part])
+                loss = weighted_nll(student_logits, pad_right(completions[part], model.device),
+                                    advantages[part, None].to(model.device), mask,
+                                    1.0 if cfg.method == "sft" else cfg.temperature)
             share = mask.sum().item() / n_tokens  # this micro-batch's share of the step's completion tokens
             (loss * share).backward()
             for key, value in (("loss", loss.item()), *stats.items()):
@@ -662,16 +699,16 @@ def train(cfg: Config) -> list[dict]:
                     t.lerp_(s, 1 - cfg.teacher_decay)
 
         # 5. Log one line, and checkpoint.
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        reward = sum(is_equivalent(extract_answer(t), ex.answer) for t, ex in zip(texts, batch)) / len(batch)
-        row = {"step": step + 1, **totals, "rollout_acc": reward, "length": n_tokens / len(batch),
-               "grad_norm": grad_norm, "seconds": time.time() - step_start,
-               "tokens_per_s": n_tokens / (time.time() - step_start)}
+        row = {"step": step + 1, **totals, "rollout_acc": rewards.mean().item(), "length": n_tokens / len(problems),
+               "generated": 0 if cfg.method == "sft" else n_tokens, "grad_norm": grad_norm,
+               "seconds": time.time() - step_start, "tokens_per_s": n_tokens / (time.time() - step_start)}
+        if cfg.method == "grpo":  # groups whose rollouts all score the same teach nothing
+            row["zero_std_groups"] = (rewards.view(-1, cfg.group_size).std(1) == 0).float().mean().item()
         if model.device.type == "cuda":
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         log(row)
         bar.set_postfix_str(f"loss {row['loss']:.4f} div {row['divergence']:.4f} clip {row['clipped_mass']:.3f} "
-                            f"acc {reward:.0%} len {row['length']:.1f} tok/s {row['tokens_per_s']:.0f}")
+                            f"acc {row['rollout_acc']:.0%} len {row['length']:.1f} tok/s {row['tokens_per_s']:.0f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             evaluate_and_log(step + 1)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
