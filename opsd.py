@@ -293,21 +293,24 @@ def divergence(student_logits, teacher_logits, mask, beta=0.0, temperature=1.0, 
     return masked_mean(terms.sum(-1), mask)
 
 
-def weighted_nll(student_logits, completion_ids, weights, mask, temperature=1.0):
-    """The mean over completion tokens of -w_n log p_S(y_n), weights (B, L) or (B, 1) held constant. w = 1
-    is SFT's cross-entropy; a detached advantage makes it a policy gradient: GRPO's (one advantage per
-    rollout) and the sampled-token loss (one per token). No importance ratio: the samples are on-policy."""
-    student_logp = log_probs(student_logits, temperature).gather(-1, completion_ids[..., None]).squeeze(-1)  # (B, L)
+def token_log_probs(logits, completion_ids, temperature=1.0) -> torch.Tensor:
+    """log p(y_n) (B, L) of the completion tokens (B, L) under logits (B, L, V)."""
+    return log_probs(logits, temperature).gather(-1, completion_ids[..., None]).squeeze(-1)
+
+
+def weighted_nll(student_logp, weights, mask):
+    """The mean over completion tokens of -w_n log p_S(y_n), from token log-probs (B, L), with weights (B, L)
+    or (B, 1) held constant. w = 1 is SFT's cross-entropy; a detached advantage makes it a policy gradient:
+    GRPO's (one per rollout) and the sampled-token loss (one per token). No importance ratio: on-policy."""
     return masked_mean(-weights.detach() * student_logp, mask)
 
 
 def sampled_token_loss(student_logits, teacher_logits, completion_ids, mask, temperature=1.0):
     """The sampled-token variant: advantage A_n = log p_T(y_n) - log p_S(y_n), held constant, and the loss
     -A_n log p_S(y_n). Its gradient is the reverse KL's in expectation over y_n ~ p_S."""
-    index = completion_ids[..., None]  # (B, L, 1)
-    teacher_logp = log_probs(teacher_logits, temperature).gather(-1, index).squeeze(-1)  # (B, L)
-    student_logp = log_probs(student_logits, temperature).gather(-1, index).squeeze(-1)  # (B, L)
-    return weighted_nll(student_logits, completion_ids, teacher_logp - student_logp, mask, temperature)
+    student_logp = token_log_probs(student_logits, completion_ids, temperature)  # (B, L)
+    teacher_logp = token_log_probs(teacher_logits, completion_ids, temperature)  # (B, L)
+    return weighted_nll(student_logp, teacher_logp - student_logp, mask)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -677,9 +680,9 @@ def train(cfg: Config) -> list[dict]:
                 #      (cross-entropy on the reference) and the rollout's group-normalised reward for GRPO.
                 model.train()
                 student_logits, mask = completion_logits(model, student_ids[part], completions[part])
-                loss = weighted_nll(student_logits, pad_right(completions[part], model.device),
-                                    advantages[part, None].to(model.device), mask,
-                                    1.0 if cfg.method == "sft" else cfg.temperature)
+                student_logp = token_log_probs(student_logits, pad_right(completions[part], model.device),
+                                               1.0 if cfg.method == "sft" else cfg.temperature)  # (B, L)
+                loss = weighted_nll(student_logp, advantages[part, None].to(model.device), mask)
             share = mask.sum().item() / n_tokens  # this micro-batch's share of the step's completion tokens
             (loss * share).backward()
             for key, value in (("loss", loss.item()), *stats.items()):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from test_cli import run
 from test_train import small_config
 
-from opsd import divergence, group_advantages, sampled_token_loss, train, weighted_nll
+from opsd import divergence, group_advantages, sampled_token_loss, token_log_probs, train, weighted_nll
 
 
 def test_grpo_advantages_on_hand_made_groups():
@@ -25,7 +25,7 @@ def test_sft_loss_is_cross_entropy_on_the_completion_tokens():
     logits = torch.randn(3, 5, 11)
     ids = torch.randint(0, 11, (3, 5))
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
-    sft = weighted_nll(logits, ids, torch.ones(3, 1), mask)
+    sft = weighted_nll(token_log_probs(logits, ids), torch.ones(3, 1), mask)
     torch.testing.assert_close(sft, F.cross_entropy(logits[mask], ids[mask]))
 
 
