@@ -7,7 +7,8 @@ teacher re-scores the same tokens in one forward pass; training minimises, on th
     L = E_x E_{y_hat ~ p_S} [ 1/|y_hat| sum_n D( p_T(. | x, y*, y_hat_<n) || p_S(. | x, y_hat_<n) ) ]   (Eq. 7)
 
 Owns: sampling with a KV cache, the two-context forward pass, the divergences, the training loop, the CLI.
-Leaves out: several GPUs, vLLM, peft (LoRA is written out here), a Trainer class.
+Several GPUs: `torchrun --nproc_per_node=N opsd.py` splits each step's problems over N processes (lines
+marked "torchrun:"). Leaves out: FSDP, vLLM, peft (LoRA is written out here), a Trainer class.
 Shapes: B rollouts, P prompt length, L completion length, V vocabulary, H hidden size, N completion
 tokens of a batch, C tokens per chunk of the fused divergence.
 
@@ -17,11 +18,13 @@ tokens of a batch, C tokens per chunk of the fused divergence.
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -60,8 +63,9 @@ class Config:
     resume: bool = option(False, "continue the run in out_dir from its last checkpoint")
     seed: int = option(0, "seed of the problem order, the sampling and the initialisation")
     # rollouts: one per problem, sampled from the student
-    batch_size: int = option(32, "problems per optimizer step, one rollout each unless group_size > 1 (paper: 32)")
-    micro_batch_size: int = option(32, "rollouts per forward pass; smaller accumulates gradients")
+    batch_size: int = option(32, "problems per optimizer step, one rollout each unless group_size > 1 (paper: 32); "
+                             "with torchrun, split over the processes")
+    micro_batch_size: int = option(32, "rollouts per forward pass (of each process); smaller accumulates gradients")
     max_new_tokens: int = option(40, "rollout length limit (paper: 1024)")
     temperature: float = option(1.0, "sampling temperature; the loss divides both logits by it too (paper: 1.1)")
     top_p: float = option(1.0, "nucleus sampling mass (paper: 0.95)")
@@ -507,6 +511,15 @@ def merged_state_dict(model) -> dict:
     return state
 
 
+def all_sum(values: list[float], world: int, device) -> list[float]:
+    """torchrun: the element-wise sum of `values` over the processes; in a single process, `values`."""
+    if world == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: written to a temporary folder, then renamed, so that a crash never leaves half of one.
 
@@ -547,6 +560,19 @@ def evaluate_both(model, teacher, tokenizer, examples, cfg: Config) -> dict:
 def train(cfg: Config) -> list[dict]:
     """Runs OPSD; returns the held-out evaluations, one dict per evaluation."""
     t0 = time.time()
+    # torchrun: one process (rank) per GPU, each holding the whole model and taking 1/world of each step's
+    # problems; the gradients are summed over the ranks before the optimizer step. `python opsd.py` sets no
+    # WORLD_SIZE, so world = 1 and nothing distributed is touched.
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # torchrun: rank 0 evaluates alone while the others wait, hence the long timeout
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size={cfg.batch_size} does not split over {world} processes: use a multiple")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                             timeout=datetime.timedelta(hours=3))
+        if rank > 0:  # rank 0 alone prints
+            sys.stdout = open(os.devnull, "w")
     out = Path(cfg.out_dir)
     if (out / "latest").exists() and not cfg.resume:
         raise FileExistsError(f"{out} holds a run already: pass --resume to continue it, or another --out_dir")
@@ -559,7 +585,7 @@ def train(cfg: Config) -> list[dict]:
             raise ValueError(f"{checkpoint} was trained with other settings: {', '.join(changed)}. "
                              "Resume with the run's own settings; only --steps may change.")
     print(json.dumps(asdict(cfg), indent=1))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same on every rank: same LoRA initialisation
     lora = cfg.lora_rank > 0
     model, tokenizer = load_model(str(checkpoint if checkpoint and not lora else cfg.model), cfg.dtype,
                                   cfg.trust_remote_code)
@@ -587,7 +613,7 @@ def train(cfg: Config) -> list[dict]:
         optimizer.load_state_dict(state["optimizer"])
         print(f"resuming from {checkpoint} at step {start}")
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = out / "metrics.jsonl" if rank == 0 else Path(os.devnull)  # torchrun: rank 0 alone logs
     rows = map(json.loads, metrics_path.read_text().splitlines()) if checkpoint else []
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start))  # not after it
     columns = dict(question_column=cfg.question_column, solution_column=cfg.solution_column,
@@ -624,19 +650,21 @@ def train(cfg: Config) -> list[dict]:
             f.write(json.dumps(row) + "\n")
 
     def evaluate_and_log(done):
+        if rank > 0:  # torchrun: rank 0 alone evaluates
+            return
         result = {"step": done, **evaluate_both(model, teacher, tokenizer, test_set, cfg)}
         log(result)
         tqdm.write(f"step {done:4d}: student {result['student_acc']:.1%}, teacher {result['teacher_acc']:.1%}")
 
     if start == 0:
         evaluate_and_log(0)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="opsd")
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="opsd", disable=rank > 0)
     for step in bar:
         step_start = time.time()
         # The problems and the sampling noise depend on (seed, step) alone, so a resumed run sees the same.
-        batch = random.Random(cfg.seed * 1_000_003 + step).sample(train_set, cfg.batch_size)
+        batch = random.Random(cfg.seed * 1_000_003 + step).sample(train_set, cfg.batch_size)[rank::world]  # torchrun
         problems = [ex for ex in batch for _ in range(cfg.group_size)]  # each problem group_size times in a row
-        generator = torch.Generator(model.device).manual_seed(cfg.seed * 1_000_003 + step)
+        generator = torch.Generator(model.device).manual_seed((cfg.seed * 1_000_003 + step) * world + rank)
         student_ids = [encode(student_prompt(ex, tokenizer, cfg.student_thinking), tokenizer) for ex in problems]
         teacher_ids = [encode(teacher_prompt(ex, tokenizer, cfg.teacher_thinking), tokenizer) for ex in problems]
 
@@ -650,8 +678,12 @@ def train(cfg: Config) -> list[dict]:
                                  eos, pad, generator)
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         rewards = torch.tensor([float(is_equivalent(extract_answer(t), ex.answer)) for t, ex in zip(texts, problems)])
-        n_tokens = sum(map(len, completions))  # the loss is normalised by the tokens of the whole step
-        totals = {"loss": 0.0, "divergence": 0.0, "clipped_mass": 0.0}
+        # The loss is normalised by the completion tokens of the whole step (of all ranks, torchrun: all_sum).
+        n_tokens = int(all_sum([sum(map(len, completions))], world, model.device)[0])
+        n = cfg.batch_size * cfg.group_size  # rollouts of the whole step
+        totals = {"loss": 0.0, "divergence": 0.0, "clipped_mass": 0.0, "rollout_acc": rewards.sum().item() / n}
+        if cfg.method == "grpo":  # groups whose rollouts all score the same teach nothing
+            totals["zero_std_groups"] = (rewards.view(-1, cfg.group_size).std(1) == 0).sum().item() / cfg.batch_size
         advantages = group_advantages(rewards, cfg.group_size) if cfg.method == "grpo" else torch.ones_like(rewards)
         for i in range(0, len(problems), cfg.micro_batch_size):
             part = slice(i, i + cfg.micro_batch_size)
@@ -687,6 +719,10 @@ def train(cfg: Config) -> list[dict]:
             (loss * share).backward()
             for key, value in (("loss", loss.item()), *stats.items()):
                 totals[key] += value * share
+        if world > 1:  # torchrun: sum the gradients and the statistics of all ranks
+            for p in optimizer.param_groups[0]["params"]:  # the trained parameters
+                torch.distributed.all_reduce(p.grad)
+            totals = dict(zip(totals, all_sum(list(totals.values()), world, model.device)))
         if not math.isfinite(totals["loss"]):
             raise FloatingPointError(f"the loss is {totals['loss']} at step {step}: lower --lr or check the data")
 
@@ -702,11 +738,9 @@ def train(cfg: Config) -> list[dict]:
                     t.lerp_(s, 1 - cfg.teacher_decay)
 
         # 5. Log one line, and checkpoint.
-        row = {"step": step + 1, **totals, "rollout_acc": rewards.mean().item(), "length": n_tokens / len(problems),
-               "generated": 0 if cfg.method == "sft" else n_tokens, "grad_norm": grad_norm,
-               "seconds": time.time() - step_start, "tokens_per_s": n_tokens / (time.time() - step_start)}
-        if cfg.method == "grpo":  # groups whose rollouts all score the same teach nothing
-            row["zero_std_groups"] = (rewards.view(-1, cfg.group_size).std(1) == 0).float().mean().item()
+        seconds = time.time() - step_start
+        row = {"step": step + 1, **totals, "length": n_tokens / n, "generated": 0 if cfg.method == "sft" else n_tokens,
+               "grad_norm": grad_norm, "seconds": seconds, "tokens_per_s": n_tokens / seconds}
         if model.device.type == "cuda":
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         log(row)
@@ -714,9 +748,13 @@ def train(cfg: Config) -> list[dict]:
                             f"acc {row['rollout_acc']:.0%} len {row['length']:.1f} tok/s {row['tokens_per_s']:.0f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             evaluate_and_log(step + 1)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(out, step + 1, model, teacher, tokenizer, optimizer, cfg)
 
+    if world > 1:  # torchrun
+        torch.distributed.destroy_process_group()
+    if rank > 0:
+        return []
     evals = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "student_acc" in r]
     print("\n  step | student, question alone | teacher, with reference")
     for r in evals:
