@@ -217,20 +217,26 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: fl
 # ---------------------------------------------------------------------------------------------------------
 # The two-context forward pass: the same completions scored after the student's and the teacher's prompts.
 
+def pad_right(completions: list[list[int]], device) -> torch.Tensor:
+    """Completion ids (B, L), padded on the right with 0 (which the mask hides)."""
+    L = max(map(len, completions))
+    return torch.tensor([c + [0] * (L - len(c)) for c in completions], device=device)
+
+
 def completion_batch(prompts: list[list[int]], completions: list[list[int]], device):
     """The inputs of one forward pass that scores each completion after its prompt, and the mask (B, L) of
     real completion tokens. Row i is laid out as [pads, prompt_i, completion_i, pads]: every prompt ends in
     column P, so completion token j sits in column P + j of every row and is predicted from column P + j - 1.
     No pad ever sits between a prompt and its completion, so student and teacher prompts give the same
     completion ids at the same offsets."""
-    P, L = max(map(len, prompts)), max(map(len, completions))
-    rows = [[0] * (P - len(p)) + p + c + [0] * (L - len(c)) for p, c in zip(prompts, completions)]
-    real = [[0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (L - len(c)) for p, c in zip(prompts, completions)]
-    attention_mask = torch.tensor(real, device=device)  # (B, P + L)
-    inputs = {"input_ids": torch.tensor(rows, device=device), "attention_mask": attention_mask,
-              "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+    prompt_ids, prompt_mask = pad_left(prompts, 0, device)  # (B, P), (B, P)
+    completion_ids = pad_right(completions, device)  # (B, L)
     lengths = torch.tensor([len(c) for c in completions], device=device)
-    return inputs, torch.arange(L, device=device) < lengths[:, None]
+    mask = torch.arange(completion_ids.size(1), device=device) < lengths[:, None]  # (B, L)
+    attention_mask = torch.cat([prompt_mask, mask.long()], 1)  # (B, P + L)
+    inputs = {"input_ids": torch.cat([prompt_ids, completion_ids], 1), "attention_mask": attention_mask,
+              "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+    return inputs, mask
 
 
 def completion_logits(model, prompts: list[list[int]], completions: list[list[int]]):
@@ -246,12 +252,6 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
     without the LM head, which fused_divergence applies a chunk at a time."""
     inputs, mask = completion_batch(prompts, completions, model.device)
     return model.base_model(**inputs).last_hidden_state[:, -mask.size(1) - 1:-1], mask  # (B, L, H), (B, L)
-
-
-def pad_right(completions: list[list[int]], device) -> torch.Tensor:
-    """Completion ids (B, L), padded on the right with 0 (which the mask hides)."""
-    L = max(map(len, completions))
-    return torch.tensor([c + [0] * (L - len(c)) for c in completions], device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -511,15 +511,6 @@ def merged_state_dict(model) -> dict:
     return state
 
 
-def all_sum(values: list[float], world: int, device) -> list[float]:
-    """torchrun: the element-wise sum of `values` over the processes; in a single process, `values`."""
-    if world == 1:
-        return values
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(total)
-    return total.tolist()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: written to a temporary folder, then renamed, so that a crash never leaves half of one.
 
@@ -557,6 +548,15 @@ def evaluate_both(model, teacher, tokenizer, examples, cfg: Config) -> dict:
     return {"student_acc": student, "teacher_acc": teacher}
 
 
+def all_sum(values: list[float], world: int, device) -> list[float]:
+    """torchrun: the element-wise sum of `values` over the processes; in a single process, `values`."""
+    if world == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
 def train(cfg: Config) -> list[dict]:
     """Runs OPSD; returns the held-out evaluations, one dict per evaluation."""
     t0 = time.time()
@@ -564,13 +564,13 @@ def train(cfg: Config) -> list[dict]:
     # problems; the gradients are summed over the ranks before the optimizer step. `python opsd.py` sets no
     # WORLD_SIZE, so world = 1 and nothing distributed is touched.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # torchrun: rank 0 evaluates alone while the others wait, hence the long timeout
+    if world > 1:  # torchrun
         if cfg.batch_size % world:
             raise ValueError(f"batch_size={cfg.batch_size} does not split over {world} processes: use a multiple")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                             timeout=datetime.timedelta(hours=3))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",  # the others wait
+                                             timeout=datetime.timedelta(hours=3))  # while rank 0 evaluates
         if rank > 0:  # rank 0 alone prints
             sys.stdout = open(os.devnull, "w")
     out = Path(cfg.out_dir)
@@ -662,9 +662,10 @@ def train(cfg: Config) -> list[dict]:
     for step in bar:
         step_start = time.time()
         # The problems and the sampling noise depend on (seed, step) alone, so a resumed run sees the same.
-        batch = random.Random(cfg.seed * 1_000_003 + step).sample(train_set, cfg.batch_size)[rank::world]  # torchrun
+        step_seed = cfg.seed * 1_000_003 + step
+        batch = random.Random(step_seed).sample(train_set, cfg.batch_size)[rank::world]  # torchrun: a share
         problems = [ex for ex in batch for _ in range(cfg.group_size)]  # each problem group_size times in a row
-        generator = torch.Generator(model.device).manual_seed((cfg.seed * 1_000_003 + step) * world + rank)
+        generator = torch.Generator(model.device).manual_seed(step_seed * world + rank)  # torchrun: seed per rank
         student_ids = [encode(student_prompt(ex, tokenizer, cfg.student_thinking), tokenizer) for ex in problems]
         teacher_ids = [encode(teacher_prompt(ex, tokenizer, cfg.teacher_thinking), tokenizer) for ex in problems]
 
