@@ -2,8 +2,8 @@
 
 Owns: the `Example` record, the built-in offline task (two-step arithmetic word problems with a worked
 solution ending in \\boxed{answer}), loading examples from hub data sets (with column presets) and local
-files, the paper's student and teacher prompts, fitting them into a token budget, and the character
-tokenizer of the tiny model.
+files, reading the final answer out of a solution (`extract_answer`), the paper's student and teacher
+prompts, fitting them into a token budget, and the character tokenizer of the tiny model.
 Leaves out: tokenising whole data sets ahead of time (prompts are encoded per batch), streaming.
 
     python data.py      # prints a few built-in problems with both prompts
@@ -84,8 +84,6 @@ def load_examples(source: str, split: str = "train", n: int | None = None, seed:
         return builtin_examples(split, n or (20_000 if split == "train" else 500), seed)
     import datasets  # imported here: the built-in task does not need it
 
-    from evaluate import extract_answer
-
     preset = PRESETS.get(source) or next((p for p in PRESETS.values() if p[0] == source), None)
     name, config, *columns = preset or (source, None, "question", "solution", None)
     question_column, solution_column = question_column or columns[0], solution_column or columns[1] or ""
@@ -113,8 +111,30 @@ def load_examples(source: str, split: str = "train", n: int | None = None, seed:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The two contexts (PAPER.md, "Prompts"). The student sees the problem; the teacher sees the problem and a
-# reference solution, with a request to derive the answer itself rather than copy it.
+# The final answer of a solution or a completion: what the data sets without an answer column and the grader
+# (evaluate.py) read.
+
+def extract_answer(text: str) -> str | None:
+    """The content of the last \\boxed{...} or \\fbox{...}, nested braces included (None if it is cut off);
+    without a box, what follows the last '####' (GSM8K's convention) or 'the answer is'; else None."""
+    boxes = list(re.finditer(r"\\(?:boxed|fbox)\{", text))
+    if boxes:
+        depth, begin = 0, boxes[-1].end()
+        for i in range(begin, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth < 0:
+                return text[begin:i].strip()
+        return None  # cut off inside the box
+    for marker in ("####", "answer is:?"):
+        found = re.findall(marker + r"(.*)", text, re.IGNORECASE)
+        if found:
+            return re.sub(r"^[\s$*]+|[\s$*.]+$", "", found[-1]) or None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The two contexts, after the paper's official code (github.com/siyan-zhao/OPSD). The student sees the problem;
+# the teacher sees the problem and a reference solution, with a request to derive the answer itself.
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{{}}."  # a format string
 STUDENT = "Problem: {question}\n\n" + INSTRUCTION

@@ -1,10 +1,10 @@
 """evaluate.py: how well does the model answer, from the question alone or with the reference in its context?
 
-Owns: answer extraction (the last \\boxed{...}, with fallbacks), grading answers as mathematics rather than
-as strings, the evaluation loop (avg@k, the paper's headline; pass@k; maj@k; completion lengths and
+Owns: grading answers (read by data.extract_answer: the last \\boxed{...}, with fallbacks) as mathematics
+rather than as strings, the evaluation loop (avg@k, the paper's headline; pass@k; maj@k; completion lengths and
 truncation; one JSONL row per problem) and its command line, with the paper's benchmarks as presets.
 Leaves out: general symbolic algebra (expressions in variables, equations, matrices: math_verify covers
-some of it where it is installed) and a fast inference engine (the sampler is opsd.sample).
+some of it where it is installed) and a fast inference engine (the sampler is sampling.sample).
 
     python evaluate.py --model tiny/model                    # the tiny base model, question alone
     python evaluate.py --model tiny/model --with_reference   # the same model as the teacher
@@ -23,33 +23,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import PRESETS, Example, encode, load_examples, student_prompt, teacher_prompt
+from data import PRESETS, Example, encode, extract_answer, load_examples, student_prompt, teacher_prompt
+from sampling import load_model, sample
 
 try:
     import math_verify  # optional: symbolic equivalence, asked only where the rules below cannot decide
 except ImportError:
     math_verify = None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Extracting the final answer from a completion.
-
-def extract_answer(text: str) -> str | None:
-    """The content of the last \\boxed{...} or \\fbox{...}, nested braces included (None if it is cut off);
-    without a box, what follows the last '####' (GSM8K's convention) or 'the answer is'; else None."""
-    boxes = list(re.finditer(r"\\(?:boxed|fbox)\{", text))
-    if boxes:
-        depth, begin = 0, boxes[-1].end()
-        for i in range(begin, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth < 0:
-                return text[begin:i].strip()
-        return None  # cut off inside the box
-    for marker in ("####", "answer is:?"):
-        found = re.findall(marker + r"(.*)", text, re.IGNORECASE)
-        if found:
-            return re.sub(r"^[\s$*]+|[\s$*.]+$", "", found[-1]) or None
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,8 +188,6 @@ def evaluate(model, tokenizer, examples: list[Example], with_reference: bool = F
              progress: bool = False) -> dict:
     """Samples `samples` completions per problem and returns summarize's scores; out_path gets one JSONL row
     per problem. The student sees the question alone; with_reference=True gives the teacher's context."""
-    from opsd import sample  # imported here: opsd imports this file
-
     if with_reference and not all(ex.solution for ex in examples):
         raise ValueError("with_reference needs reference solutions, and some problems have none: name the "
                          "column with --solution_column")
@@ -260,8 +238,6 @@ def main():
     parser.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
     parser.add_argument("--out", default=None, help="JSONL of every completion (default: runs/eval/DATASET.jsonl)")
     args = parser.parse_args()
-
-    from opsd import load_model
 
     model, tokenizer = load_model(args.model, args.dtype, args.trust_remote_code)
     examples = load_examples(args.dataset, args.split, args.n, question_column=args.question_column,

@@ -6,18 +6,23 @@ teacher re-scores the same tokens in one forward pass; training minimises, on th
 
     L = E_x E_{y_hat ~ p_S} [ 1/|y_hat| sum_n D( p_T(. | x, y*, y_hat_<n) || p_S(. | x, y_hat_<n) ) ]   (Eq. 7)
 
-Owns: sampling with a KV cache, the two-context forward pass, the divergences, the training loop, the CLI.
-Several GPUs: `torchrun --nproc_per_node=N opsd.py` splits each step's problems over N processes (lines
-marked "torchrun:"). Leaves out: FSDP, vLLM, peft (LoRA is written out here), a Trainer class.
+The code averages over all completion tokens of a step rather than per rollout (train_step says why).
+Owns the method, in the algorithm's order: 1. rollouts, 2. the two-context forward pass, 3. the
+divergences, 4. the loss of one batch (`opsd_loss`, the SFT and GRPO baselines beside it), 5. one optimizer
+step (`train_step`), 6. the fused path (the same divergence without (N, V) logits); then the engineering:
+the settings (`Config`: `cfg` everywhere above, each field a flag), evaluation during training, torchrun,
+checkpoints and the loop (`train`). It builds on sampling.py (`load_model`, `sample`, `pad_left`), lora.py
+(adapters), evaluate.py (grading) and data.py (the task and the two prompts); none of them imports it.
+Several GPUs: `torchrun --nproc_per_node=N opsd.py` splits each step's problems over N processes
+(`start_processes`, `all_sum` and the lines marked "torchrun:"). Leaves out: FSDP, vLLM, peft, a Trainer.
 Shapes: B rollouts, P prompt length, L completion length, V vocabulary, H hidden size, N completion
 tokens of a batch, C tokens per chunk of the fused divergence.
 
-    python opsd.py           # the built-in demo: tiny model, synthetic task, CPU, about 7 minutes
+    python opsd.py           # the built-in demo: tiny model, synthetic task, CPU, 7 to 15 minutes
     python opsd.py --help    # every setting
 """
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -32,190 +37,45 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from data import encode, fit_prompts, load_examples, student_prompt, teacher_prompt
-from evaluate import evaluate, extract_answer, is_equivalent
+from data import Example, encode, extract_answer, fit_prompts, load_examples, student_prompt, teacher_prompt
+from evaluate import evaluate, is_equivalent
+from lora import adapter_state, adapters_off, add_lora, lora_layers, merged_state_dict
+from sampling import load_model, pad_left, sample
 
-
-def option(default, help):
-    return field(default=default, metadata={"help": help})
-
+# ---------------------------------------------------------------------------------------------------------
+# 1. Rollouts: the student writes one completion per problem, on its own prompt (sampling.sample).
 
 @dataclass
-class Config:
-    # model, data, run
-    model: str = option("tiny/model", "base model: a local path or a hub name")
-    trust_remote_code: bool = option(False, "run the code of the model's own repository (only if you trust it)")
-    dtype: str = option("auto", "weights' dtype: auto (bfloat16 on a GPU that supports it, else float32), float32 "
-                        "or bfloat16; the losses are float32 whatever it is")
-    dataset: str = option("builtin", "'builtin', a preset (openthoughts: the paper's, gsm8k, math), a hub data set "
-                          "or a local JSON/JSONL/CSV/parquet file")
-    question_column: str = option("", "column of the problems (default: the preset's, else 'question')")
-    solution_column: str = option("", "column of the reference solutions (default: the preset's, else 'solution')")
-    answer_column: str = option("", "column of the final answers (default: the preset's, else read from the "
-                                "solution: its last \\boxed{} or what follows '####')")
-    eval_dataset: str = option("", "held-out problems to evaluate on (default: the built-in task's test split, or "
-                               "eval_size problems of --dataset kept out of training)")
-    max_prompt_tokens: int = option(2048, "longest prompt: a longer reference solution is cut in its middle, a "
-                                    "problem that still does not fit is skipped (both counted)")
-    out_dir: str = option("runs/opsd", "where metrics.jsonl and the checkpoints go")
-    resume: bool = option(False, "continue the run in out_dir from its last checkpoint")
-    seed: int = option(0, "seed of the problem order, the sampling and the initialisation")
-    # rollouts: one per problem, sampled from the student
-    batch_size: int = option(32, "problems per optimizer step, one rollout each unless group_size > 1 (paper: 32); "
-                             "with torchrun, split over the processes")
-    micro_batch_size: int = option(32, "rollouts per forward pass (of each process); smaller accumulates gradients")
-    max_new_tokens: int = option(40, "rollout length limit (paper: 1024)")
-    temperature: float = option(1.0, "sampling temperature; the loss divides both logits by it too (paper: 1.1)")
-    top_p: float = option(1.0, "nucleus sampling mass (paper: 0.95)")
-    top_k: int = option(0, "sample among the k likeliest tokens; 0 keeps all (paper: 20)")
-    # the objective
-    method: str = option("opsd", "opsd, or a baseline in the same loop: sft (cross-entropy on the reference "
-                         "from the student prompt) or grpo (reward 1 for a right answer, normalised in each group)")
-    group_size: int = option(1, "rollouts per problem, side by side (grpo needs 2 or more; the paper's GRPO: 8)")
-    beta: float = option(0.5, "0 forward KL(p_T||p_S) (paper v3), 1 reverse KL(p_S||p_T), between: JSD_beta (v1: 0.5)")
-    clip: float | None = option(None, "cap on each per-vocabulary term of the divergence (paper v3: 0.05); none = off")
-    sampled_token: bool = option(False, "sampled-token loss: -(log p_T - log p_S)(y_n) log p_S(y_n), O(1) per token")
-    fused: bool = option(True, "full-vocabulary divergence from hidden states, a chunk of tokens at a time")
-    teacher_decay: float = option(1.0, "teacher EMA decay: 1 = fixed initial weights (paper), 0 = current weights")
-    student_thinking: bool = option(False, "chat template thinking flag of the student prompt (paper's code: off)")
-    teacher_thinking: bool = option(True, "chat template thinking flag of the teacher prompt (paper's code: on). "
-                                    "Flags that differ make the first completion tokens diverge for reasons that "
-                                    "have nothing to do with the reference (upstream issue 10); equal flags avoid it")
-    # LoRA: low-rank adapters on the named linear layers; only they train
-    lora_rank: int = option(0, "adapter rank; 0 trains every weight instead (paper: 64)")
-    lora_alpha: float = option(128.0, "the adapters' update is alpha / rank * B A (paper: 128)")
-    lora_targets: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                               "names of the linear layers that get adapters (paper: all projections)")
-    save_merged: bool = option(True, "with LoRA, checkpoints also hold the merged weights, which load with "
-                               "from_pretrained (the adapters alone are always saved)")
-    gradient_checkpointing: bool = option(False, "recompute activations during backward: less memory, slower")
-    # optimisation
-    steps: int = option(700, "optimizer steps (paper: about 100)")
-    lr: float = option(1e-3, "AdamW peak learning rate, decayed linearly to 0 (paper, LoRA on Qwen3: 5e-6)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    grad_clip: float = option(1.0, "clip the gradient norm to this (paper: 0.1)")
-    # evaluation and checkpoints
-    eval_every: int = option(100, "evaluate student and teacher on held-out problems every this many steps")
-    eval_size: int = option(500, "held-out problems per evaluation (greedy, one completion each)")
-    save_every: int = option(100, "write a checkpoint every this many steps (and at the end)")
-
-    def __post_init__(self):
-        checks = {
-            "beta must lie in [0, 1]": 0 <= self.beta <= 1,
-            "temperature must be > 0 (rollouts are sampled)": self.temperature > 0,
-            "top_p must lie in (0, 1]": 0 < self.top_p <= 1,
-            "top_k must be >= 0": self.top_k >= 0,
-            "clip must be > 0, or none": self.clip is None or self.clip > 0,
-            "teacher_decay must lie in [0, 1]": 0 <= self.teacher_decay <= 1,
-            "lora_rank must be >= 0": self.lora_rank >= 0,
-            "dtype must be auto, float32 or bfloat16": self.dtype in ("auto", "float32", "bfloat16"),
-            "with LoRA the teacher is the base (teacher_decay 1) or the live weights (0): an EMA needs weights of "
-            "its own": self.lora_rank == 0 or self.teacher_decay in (0, 1),
-            "lr, grad_clip must be > 0": self.lr > 0 and self.grad_clip > 0,
-            "steps, max_new_tokens, max_prompt_tokens, eval_every, eval_size, save_every must be > 0": min(
-                self.steps, self.max_new_tokens, self.max_prompt_tokens, self.eval_every, self.eval_size,
-                self.save_every) > 0,
-            "method must be opsd, sft or grpo": self.method in ("opsd", "sft", "grpo"),
-            "grpo needs group_size >= 2 (one rollout has no advantage)": self.method != "grpo" or self.group_size > 1,
-            "batch_size x group_size must be a positive multiple of micro_batch_size": min(
-                self.micro_batch_size, self.batch_size, self.group_size) > 0 and (
-                self.batch_size * self.group_size) % self.micro_batch_size == 0,
-        }
-        problems = [message for message, ok in checks.items() if not ok]
-        if problems:
-            raise ValueError("invalid settings: " + "; ".join(problems))
+class Rollouts:
+    """One step's batch, row by row: both prompts as token ids, and the completion the loss is taken on."""
+    student_prompts: list[list[int]]  # the student's prompt: the problem x
+    teacher_prompts: list[list[int]]  # the teacher's prompt: x and the reference solution y*
+    completions: list[list[int]]  # y_hat ~ p_S(. | x), ending in EOS unless cut at max_new_tokens (SFT: y*)
+    rewards: torch.Tensor  # (B,) 1.0 where the completion's final answer is right: GRPO's reward, and logged
 
 
-def parse_config(argv=None) -> Config:
-    """Every Config field is a flag (--help lists them); unknown flags and invalid values are errors."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Config):
-        help = f.metadata["help"] + " (default: %(default)s)"
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help)
-        else:
-            kind = (lambda s: None if s.lower() == "none" else float(s)) if f.type == float | None else f.type
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help)
-    try:
-        return Config(**vars(parser.parse_args(argv)))
-    except ValueError as e:
-        parser.error(str(e))
-
-
-def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False):
-    """Model and tokenizer, on the best device (cuda, then mps, then cpu), in bf16 where it is supported
-    unless dtype says otherwise."""
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {name_or_path!r} has no eos token: rollouts could never end. Set one.")
-    if tokenizer.pad_token_id is None:  # only a filler: masks come from lengths, never from the pad id
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
-                                                 trust_remote_code=trust_remote_code)
-    return model.to(device), tokenizer
+def collect_rollouts(model, tokenizer, problems: list[Example], cfg: "Config", generator) -> Rollouts:
+    """Each problem cfg.group_size times in a row (default 1), and a rollout of each sampled from the
+    student under no_grad. On-policy: the student is trained on the states it visits itself. (SFT takes the
+    reference solution instead of sampling.)"""
+    problems = [ex for ex in problems for _ in range(cfg.group_size)]
+    student_prompts = [encode(student_prompt(ex, tokenizer, cfg.student_thinking), tokenizer) for ex in problems]
+    teacher_prompts = [encode(teacher_prompt(ex, tokenizer, cfg.teacher_thinking), tokenizer) for ex in problems]
+    model.eval()
+    if cfg.method == "sft":  # the baseline imitates the references: nothing is sampled
+        completions = [(tokenizer(ex.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+                       [:cfg.max_new_tokens] for ex in problems]
+    else:
+        completions = sample(model, student_prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
+                             tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    rewards = torch.tensor([float(is_equivalent(extract_answer(t), ex.answer)) for t, ex in zip(texts, problems)])
+    return Rollouts(student_prompts, teacher_prompts, completions, rewards)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sampling: a batch of prompts of different lengths, left-padded, with a KV cache.
-
-def pad_left(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (B, P) with the pads on the left, so that every prompt ends in the last column, and the
-    attention mask (B, P), 0 on the pads."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    return ids, mask
-
-
-def next_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> torch.Tensor:
-    """One token per row (B,) from logits (B, V): greedy at temperature 0, else temperature, top-k and top-p
-    applied in that order (as transformers does), then a draw."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth_best = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth_best, -math.inf)
-    if top_p < 1:
-        sorted_logits, order = logits.sort(-1, descending=True)  # (B, V)
-        probs = sorted_logits.softmax(-1)
-        outside = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-@torch.no_grad()
-def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-           top_k: int = 0, eos_token_id: int | None = None, pad_token_id: int | None = None,
-           generator: torch.Generator | None = None) -> list[list[int]]:
-    """One completion per prompt. Each ends after its first EOS (kept) or at max_new_tokens."""
-    ids, attention_mask = pad_left(prompts, pad_token_id or 0, model.device)  # (B, P)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
-    cache = DynamicCache(config=model.config)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
-    tokens = []
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                       logits_to_keep=1).logits[:, -1]  # (B, V)
-        ids = next_token(logits, temperature, top_p, top_k, generator)[:, None]  # (B, 1)
-        tokens.append(ids)
-        if eos_token_id is not None:
-            finished |= ids[:, 0] == eos_token_id
-            if finished.all():  # one host sync per token; it ends the loop as soon as every row is done
-                break
-        attention_mask = F.pad(attention_mask, (0, 1), value=1)
-        position_ids = position_ids[:, -1:] + 1
-    rows = torch.cat(tokens, 1).tolist()  # (B, new tokens); rows that finished early carry junk after EOS
-    return [row[:row.index(eos_token_id) + 1] if eos_token_id in row else row for row in rows]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The two-context forward pass: the same completions scored after the student's and the teacher's prompts.
+# 2. The two-context forward pass: the same completions scored after the student's and the teacher's prompts.
 
 def pad_right(completions: list[list[int]], device) -> torch.Tensor:
     """Completion ids (B, L), padded on the right with 0 (which the mask hides)."""
@@ -255,7 +115,7 @@ def completion_hidden(model, prompts: list[list[int]], completions: list[list[in
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The divergences. Everything below is float32 (float64 when given float64) whatever the model's dtype.
+# 3. The divergences. All of this section is float32 (float64 when given float64) whatever the model's dtype.
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of values (B, L) over the True entries of mask (B, L); 0 when there are none."""
@@ -263,7 +123,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def divergence_terms(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
-    """The per-vocabulary terms l_{n,v} (B, L, V) whose sum over v is D(p_T || p_S) at each token."""
+    """The per-vocabulary terms l_{n,v} (B, L, V) whose sum over v is D(p_T || p_S) at each token: JSD_beta
+    (Eq. 9) for 0 < beta < 1, and its two KL limits at the ends. Eq. 9 itself is 0 at beta = 0 and 1 (the
+    mixture is then one of the two distributions), but JSD_beta / beta tends to the forward KL(p_T || p_S) as
+    beta -> 0, and JSD_beta / (1 - beta) to the reverse KL(p_S || p_T) as beta -> 1: beta = 0 and 1 mean those
+    (TRL's convention). So the scale jumps at the ends: JSD_0.01 is about 0.01 x the forward KL."""
     if beta == 0:  # forward KL(p_T || p_S)
         return teacher_logp.exp() * (teacher_logp - student_logp)
     if beta == 1:  # reverse KL(p_S || p_T)
@@ -275,6 +139,7 @@ def divergence_terms(student_logp: torch.Tensor, teacher_logp: torch.Tensor, bet
 
 
 def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / T) over the vocabulary, in float32 (float64 if given): the model's dtype may be bf16."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return F.log_softmax(logits.to(dtype) / temperature, dim=-1)
 
@@ -290,8 +155,8 @@ def divergence(student_logits, teacher_logits, mask, beta=0.0, temperature=1.0, 
     if stats is not None:
         with torch.no_grad():
             stats["divergence"] = masked_mean(terms.sum(-1), mask).item()
-            capped = terms > clip if clip is not None else torch.zeros_like(terms, dtype=torch.bool)
-            stats["clipped_mass"] = masked_mean((teacher_logp.exp() * capped).sum(-1), mask).item()
+            capped_mass = (teacher_logp.exp() * (terms > clip)).sum(-1) if clip is not None else mask * 0.0
+            stats["clipped_mass"] = masked_mean(capped_mass, mask).item()
     if clip is not None:
         terms = terms.clamp(max=clip)  # v3: sum_v min(l_{n,v}, tau)
     return masked_mean(terms.sum(-1), mask)
@@ -317,6 +182,47 @@ def sampled_token_loss(student_logits, teacher_logits, completion_ids, mask, tem
     return weighted_nll(student_logp, teacher_logp - student_logp, mask)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 4. The loss of one batch of rollouts: OPSD's, and beside it the two baselines of the paper's comparison.
+
+def opsd_loss(model, teacher, student_prompts, teacher_prompts, completions, beta=0.0, temperature=1.0, clip=None,
+              fused=True, stats=None, sampled_token=False, base_teacher=False) -> torch.Tensor:
+    """The OPSD loss of one batch: the per-token divergence D(p_T || p_S) of Eq. 7 at every completion token,
+    averaged over all the batch's completion tokens. The teacher reads teacher_prompts (problem and
+    reference), the student student_prompts (the problem); both score the same completions. All three are
+    lists of token-id lists, as sample returns them. `teacher` may be `model` itself; base_teacher=True runs
+    it with its LoRA adapters off (the base model: the fixed teacher of a LoRA run). fused=True takes the
+    fused path (section 6): the same value without (B, L, V) logits, for models whose logits are hidden @ W.T
+    (logits_are_linear). sampled_token=True minimises sampled_token_loss instead. A dict given as stats
+    receives the (unclipped) divergence and the clipped teacher mass."""
+    forward = completion_hidden if fused else completion_logits  # (B, L, H) or (B, L, V), and the mask (B, L)
+    # The teacher re-scores the student's tokens after its privileged prompt, under no_grad: it is a target,
+    # not a second model being trained.
+    teacher.eval()
+    with torch.no_grad(), adapters_off(teacher, base_teacher):
+        teacher_out, _ = forward(teacher, teacher_prompts, completions)
+    # The student scores the same tokens after its own prompt, with gradients.
+    model.train()
+    student_out, mask = forward(model, student_prompts, completions)
+    completion_ids = pad_right(completions, model.device) if sampled_token else None  # (B, L)
+    if not fused and not sampled_token:
+        return divergence(student_out, teacher_out, mask, beta, temperature, clip, stats)
+    if not fused:
+        divergence(student_out.detach(), teacher_out, mask, beta, temperature, clip, stats)  # for the log only
+        return sampled_token_loss(student_out, teacher_out, completion_ids, mask, temperature)
+    return fused_divergence(student_out, teacher_out, lm_head(model).weight, mask, beta, temperature, clip,
+                            teacher_weight=lm_head(teacher).weight, stats=stats, sampled_ids=completion_ids)
+
+
+def sft_loss(model, student_prompts, references) -> torch.Tensor:
+    """SFT: cross-entropy on the reference solutions from the student's prompt, -mean_n log p_S(y*_n).
+    Off-policy: the student imitates tokens it did not write. No teacher."""
+    model.train()
+    logits, mask = completion_logits(model, student_prompts, references)  # (B, L, V), (B, L)
+    student_logp = token_log_probs(logits, pad_right(references, model.device))  # (B, L)
+    return weighted_nll(student_logp, torch.ones_like(student_logp), mask)
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """GRPO's advantages (B,) for rewards (B,) that come in groups of group_size rollouts of one problem: the
     reward minus its group's mean, over the group's standard deviation (+ 1e-4). A group whose rollouts all
@@ -325,8 +231,75 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
 
 
+def grpo_loss(model, student_prompts, completions, advantages, temperature=1.0) -> torch.Tensor:
+    """GRPO: -mean_n A log p_S(y_n), each rollout's tokens weighted by its advantage (group_advantages). One
+    number per rollout, where OPSD has a distribution per token. No teacher."""
+    model.train()
+    logits, mask = completion_logits(model, student_prompts, completions)  # (B, L, V), (B, L)
+    student_logp = token_log_probs(logits, pad_right(completions, model.device), temperature)  # (B, L)
+    return weighted_nll(student_logp, advantages[:, None].to(model.device), mask)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# The fused path: the same divergence from hidden states and the LM head, C tokens at a time, so that at
+# 5. One optimizer step on a batch of rollouts.
+
+def train_step(model, teacher, optimizer, rollouts: Rollouts, cfg: "Config", lr: float, fused: bool) -> dict:
+    """The loss of each micro-batch (cfg.method's) and its backward pass, the gradient norm clipped, one
+    AdamW step at this step's learning rate lr, and an EMA teacher moved toward the student. fused: whether
+    the OPSD loss takes the fused path (cfg.fused, where logits_are_linear allows it). Returns the statistics."""
+    completions = rollouts.completions
+    # Eq. 7 averages each rollout over its own tokens; the loss here is the sum over all completion tokens of
+    # the step over their number, so every token weighs the same, and micro-batches weighted by their share
+    # of the tokens add up to exactly the gradient of one big batch. all_sum: the counts of every torchrun
+    # process (in one process, the counts themselves).
+    n_tokens, n_rollouts = map(int, all_sum([sum(map(len, completions)), len(completions)], model.device))
+    totals = dict(loss=0.0, divergence=0.0, clipped_mass=0.0, rollout_acc=rollouts.rewards.sum().item() / n_rollouts)
+    if cfg.method == "grpo":  # groups whose rollouts all score the same teach nothing
+        zero_std = (rollouts.rewards.view(-1, cfg.group_size).std(1) == 0).sum().item()
+        totals["zero_std_groups"] = zero_std * cfg.group_size / n_rollouts
+        advantages = group_advantages(rollouts.rewards, cfg.group_size)
+    for i in range(0, len(completions), cfg.micro_batch_size):
+        part, stats = slice(i, i + cfg.micro_batch_size), {}
+        student_prompts = rollouts.student_prompts[part]
+        if cfg.method == "opsd":
+            loss = opsd_loss(model, teacher, student_prompts, rollouts.teacher_prompts[part], completions[part],
+                             cfg.beta, cfg.temperature, cfg.clip, fused=fused, stats=stats,
+                             sampled_token=cfg.sampled_token, base_teacher=cfg.teacher_decay == 1)
+        elif cfg.method == "sft":  # the completions are the references
+            loss = sft_loss(model, student_prompts, completions[part])
+        else:
+            loss = grpo_loss(model, student_prompts, completions[part], advantages[part], cfg.temperature)
+        share = sum(map(len, completions[part])) / n_tokens  # this micro-batch's share of the step's tokens
+        (loss * share).backward()
+        for key, value in (("loss", loss.item()), *stats.items()):
+            totals[key] += value * share
+    if torch.distributed.is_initialized():  # torchrun: sum the gradients of the trained parameters of all ranks
+        for p in optimizer.param_groups[0]["params"]:
+            torch.distributed.all_reduce(p.grad)
+    totals = dict(zip(totals, all_sum(list(totals.values()), model.device)))
+    if not math.isfinite(totals["loss"]):
+        raise FloatingPointError(f"the loss is {totals['loss']}: lower --lr or check the data (no step was taken)")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if 0 < cfg.teacher_decay < 1:
+        update_ema(teacher, model, cfg.teacher_decay)
+    generated = 0 if cfg.method == "sft" else n_tokens
+    return {**totals, "length": n_tokens / n_rollouts, "tokens": n_tokens, "generated": generated,
+            "grad_norm": grad_norm}
+
+
+@torch.no_grad()
+def update_ema(teacher, model, decay: float):
+    """An EMA teacher follows the student slowly: theta_T <- decay theta_T + (1 - decay) theta_S."""
+    for t, s in zip(teacher.parameters(), model.parameters()):
+        t.lerp_(s, 1 - decay)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. The fused path: the same divergence from hidden states and the LM head, C tokens at a time, so that at
 # most a (C, V) block of logits is alive, never (N, V). With Qwen3's V = 151,936, one float32 (N, V) tensor
 # at N = 2,048 tokens is 1.2 GB, and the plain path keeps several of them.
 #
@@ -446,75 +419,173 @@ def logits_are_linear(model) -> bool:
     return torch.allclose(model(input_ids=ids).logits.float(), linear.float(), rtol=1e-4, atol=1e-4)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# LoRA (Hu et al., 2021), written out: a frozen linear layer W plus a trainable low-rank update,
-#     y = W x + (alpha / r) B A x,    A (r, in) random, B (out, r) zero,
-# so that training starts exactly at the base model. The fixed teacher is then the same network with its
-# adapters switched off: no second copy of the weights. The adapters are float32 whatever the model's dtype.
+# =========================================================================================================
+# The engineering: the settings, evaluation during training, torchrun, checkpoints, the loop and the CLI.
 
-class LoRALinear(torch.nn.Module):
-    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base, self.scale, self.enabled = base, alpha / rank, True
-        self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
-
-    def forward(self, x):
-        y = self.base(x)
-        if not self.enabled:
-            return y
-        return y + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(y.dtype)
-
-    def merged_weight(self) -> torch.Tensor:
-        return (self.base.weight.float() + self.scale * self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+def option(default, help):
+    return field(default=default, metadata={"help": help})
 
 
-def add_lora(model, rank: int, alpha: float, targets: list[str]):
-    """Wraps every nn.Linear named in targets (q_proj, ...) in a LoRALinear and freezes all other weights."""
-    model.requires_grad_(False)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if name in targets and isinstance(child, torch.nn.Linear):
-                setattr(parent, name, LoRALinear(child, rank, alpha))
-    if not lora_layers(model):
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ValueError(f"no linear layer is named {targets}; this model's are {names}: set --lora_targets")
+@dataclass
+class Config:
+    # model, data, run
+    model: str = option("tiny/model", "base model: a local path or a hub name")
+    trust_remote_code: bool = option(False, "run the code of the model's own repository (only if you trust it)")
+    dtype: str = option("auto", "weights' dtype: auto (bfloat16 on a GPU that supports it, else float32), float32 "
+                        "or bfloat16; the losses are float32 whatever it is")
+    dataset: str = option("builtin", "'builtin', a preset (openthoughts: the paper's, gsm8k, math), a hub data set "
+                          "or a local JSON/JSONL/CSV/parquet file")
+    question_column: str = option("", "column of the problems (default: the preset's, else 'question')")
+    solution_column: str = option("", "column of the reference solutions (default: the preset's, else 'solution')")
+    answer_column: str = option("", "column of the final answers (default: the preset's, else read from the "
+                                "solution: its last \\boxed{} or what follows '####')")
+    eval_dataset: str = option("", "held-out problems to evaluate on (default: the built-in task's test split, or "
+                               "eval_size problems of --dataset kept out of training)")
+    max_prompt_tokens: int = option(2048, "longest prompt: a longer reference solution is cut in its middle, a "
+                                    "problem that still does not fit is skipped (both counted)")
+    out_dir: str = option("runs/opsd", "where metrics.jsonl and the checkpoints go")
+    resume: bool = option(False, "continue the run in out_dir from its last checkpoint")
+    seed: int = option(0, "seed of the problem order, the sampling and the initialisation")
+    # rollouts: one per problem, sampled from the student
+    batch_size: int = option(32, "problems per optimizer step, one rollout each unless group_size > 1 (paper: 32); "
+                             "with torchrun, split over the processes")
+    micro_batch_size: int = option(32, "rollouts per forward pass (of each process); smaller accumulates gradients")
+    max_new_tokens: int = option(40, "rollout length limit (paper: 1024)")
+    temperature: float = option(1.0, "sampling temperature; the loss divides both logits by it too (paper: 1.1)")
+    top_p: float = option(1.0, "nucleus sampling mass (paper: 0.95)")
+    top_k: int = option(0, "sample among the k likeliest tokens; 0 keeps all (paper: 20)")
+    # the objective
+    method: str = option("opsd", "opsd, or a baseline in the same loop: sft (cross-entropy on the reference "
+                         "from the student prompt) or grpo (reward 1 for a right answer, normalised in each group)")
+    group_size: int = option(1, "rollouts per problem, side by side (grpo needs 2 or more; the paper's GRPO: 8)")
+    beta: float = option(0.5, "0 forward KL(p_T||p_S) (paper v3), 1 reverse KL(p_S||p_T) (the KL limits of "
+                         "JSD_beta), between: JSD_beta (v1: 0.5)")
+    clip: float | None = option(None, "cap on each per-vocabulary term of the divergence (paper v3: 0.05); none = off")
+    sampled_token: bool = option(False, "sampled-token loss: -(log p_T - log p_S)(y_n) log p_S(y_n), a policy "
+                                 "gradient on the sampled tokens (the log-probs still take full log-softmaxes)")
+    fused: bool = option(True, "full-vocabulary divergence from hidden states, a chunk of tokens at a time")
+    teacher_decay: float = option(1.0, "teacher EMA decay: 1 = fixed initial weights (paper), 0 = current weights")
+    student_thinking: bool = option(False, "chat template thinking flag of the student prompt (paper's code: off)")
+    teacher_thinking: bool = option(True, "chat template thinking flag of the teacher prompt (paper's code: on). "
+                                    "Flags that differ make the first completion tokens diverge for reasons that "
+                                    "have nothing to do with the reference (upstream issue 10); equal flags avoid it")
+    # LoRA: low-rank adapters on the named linear layers; only they train
+    lora_rank: int = option(0, "adapter rank; 0 trains every weight instead (paper: 64)")
+    lora_alpha: float = option(128.0, "the adapters' update is alpha / rank * B A (paper: 128)")
+    lora_targets: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                               "names of the linear layers that get adapters (paper: all projections)")
+    save_merged: bool = option(True, "with LoRA, checkpoints also hold the merged weights, which load with "
+                               "from_pretrained (the adapters alone are always saved)")
+    gradient_checkpointing: bool = option(False, "recompute activations during backward: less memory, slower")
+    # optimisation
+    steps: int = option(700, "optimizer steps (paper: about 100)")
+    lr: float = option(1e-3, "AdamW peak learning rate, decayed linearly to 0 (paper, LoRA on Qwen3: 5e-6)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (paper: 0.1)")
+    # evaluation and checkpoints
+    eval_every: int = option(100, "evaluate student and teacher on held-out problems every this many steps")
+    eval_size: int = option(500, "held-out problems per evaluation (greedy, one completion each)")
+    save_every: int = option(100, "write a checkpoint every this many steps (and at the end)")
+
+    def __post_init__(self):
+        checks = {
+            "beta must lie in [0, 1]": 0 <= self.beta <= 1,
+            "temperature must be > 0 (rollouts are sampled)": self.temperature > 0,
+            "top_p must lie in (0, 1]": 0 < self.top_p <= 1,
+            "top_k must be >= 0": self.top_k >= 0,
+            "clip must be > 0, or none": self.clip is None or self.clip > 0,
+            "teacher_decay must lie in [0, 1]": 0 <= self.teacher_decay <= 1,
+            "lora_rank must be >= 0": self.lora_rank >= 0,
+            "dtype must be auto, float32 or bfloat16": self.dtype in ("auto", "float32", "bfloat16"),
+            "with LoRA the teacher is the base (teacher_decay 1) or the live weights (0): an EMA needs weights of "
+            "its own": self.lora_rank == 0 or self.teacher_decay in (0, 1),
+            "lr, grad_clip must be > 0": self.lr > 0 and self.grad_clip > 0,
+            "steps, max_new_tokens, max_prompt_tokens, eval_every, eval_size, save_every must be > 0": min(
+                self.steps, self.max_new_tokens, self.max_prompt_tokens, self.eval_every, self.eval_size,
+                self.save_every) > 0,
+            "method must be opsd, sft or grpo": self.method in ("opsd", "sft", "grpo"),
+            "grpo needs group_size >= 2 (one rollout has no advantage)": self.method != "grpo" or self.group_size > 1,
+            "batch_size x group_size must be a positive multiple of micro_batch_size": min(
+                self.micro_batch_size, self.batch_size, self.group_size) > 0 and (
+                self.batch_size * self.group_size) % self.micro_batch_size == 0,
+        }
+        problems = [message for message, ok in checks.items() if not ok]
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
 
 
-def lora_layers(model) -> list[LoRALinear]:
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
-@contextlib.contextmanager
-def adapters_off(model, off: bool = True):
-    """Runs the base model (the fixed teacher) inside the block. A model without adapters is unchanged."""
-    for layer in lora_layers(model):
-        layer.enabled = not off
+def parse_config(argv=None) -> Config:
+    """Every Config field is a flag (--help lists them); unknown flags and invalid values are errors."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        help = f.metadata["help"] + " (default: %(default)s)"
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help)
+        else:
+            kind = (lambda s: None if s.lower() == "none" else float(s)) if f.type == float | None else f.type
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help)
     try:
-        yield
-    finally:
-        for layer in lora_layers(model):
-            layer.enabled = True
+        return Config(**vars(parser.parse_args(argv)))
+    except ValueError as e:
+        parser.error(str(e))
 
 
-def adapter_state(model) -> dict:
-    return {name: value for name, value in model.state_dict().items() if ".lora_" in name}
+def evaluate_both(model, teacher, tokenizer, examples, cfg: Config) -> dict:
+    """Held-out accuracy of the student (question alone) and of the teacher (with the reference), greedy,
+    sampled batch_size problems at a time like the rollouts (so no larger KV cache). The baselines have no
+    teacher: their teacher column is the current weights with the reference."""
+    student = evaluate(model, tokenizer, examples, with_reference=False, thinking=cfg.student_thinking,
+                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)["avg@1"]
+    with adapters_off(teacher, cfg.method == "opsd" and cfg.teacher_decay == 1):
+        teacher = evaluate(teacher, tokenizer, examples, with_reference=True, thinking=cfg.teacher_thinking,
+                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)["avg@1"]
+    return {"student_acc": student, "teacher_acc": teacher}
 
 
-def merged_state_dict(model) -> dict:
-    """The weights with every adapter folded in (W + alpha / r B A), named as in the base model, so that
-    save_pretrained writes a model that from_pretrained loads without opsd."""
-    state = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
-    state.update({f"{name}.weight": m.merged_weight() for name, m in model.named_modules()
-                  if isinstance(m, LoRALinear)})
-    return state
+def start_processes(cfg: Config) -> tuple[int, int]:
+    """torchrun: one process (rank) per GPU, each holding the whole model and taking 1/world of each step's
+    problems; train_step sums the gradients of all ranks. `python opsd.py` sets no WORLD_SIZE: rank 0 of 1,
+    and nothing distributed is touched. Returns (rank, world)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size={cfg.batch_size} does not split over {world} processes: use a multiple")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",  # the others wait
+                                             timeout=datetime.timedelta(hours=3))  # while rank 0 evaluates
+        if rank > 0:  # rank 0 alone prints
+            sys.stdout = open(os.devnull, "w")
+    return rank, world
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary folder, then renamed, so that a crash never leaves half of one.
+def all_sum(values: list[float], device) -> list[float]:
+    """torchrun: the element-wise sum of `values` over the processes; in a single process, `values`."""
+    if not torch.distributed.is_initialized():
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def find_checkpoint(out: Path, cfg: Config) -> Path | None:
+    """The checkpoint that --resume continues from (None for a new run), after checking the settings agree."""
+    if (out / "latest").exists() and not cfg.resume:
+        raise FileExistsError(f"{out} holds a run already: pass --resume to continue it, or another --out_dir")
+    if not (cfg.resume and (out / "latest").exists()):
+        return None
+    checkpoint = out / (out / "latest").read_text()
+    saved = json.loads((checkpoint / "opsd_config.json").read_text())
+    changed = [f"--{k} ({saved[k]} there, {v} here)" for k, v in asdict(cfg).items()
+               if k not in ("resume", "steps") and v != saved[k]]
+    if changed:
+        raise ValueError(f"{checkpoint} was trained with other settings: {', '.join(changed)}. "
+                         "Resume with the run's own settings; only --steps may change.")
+    return checkpoint
+
 
 def save_checkpoint(out: Path, step: int, model, teacher, tokenizer, optimizer, cfg: Config):
+    """Written to a temporary folder, then renamed, so that a crash never leaves half of one."""
     final, tmp = out / f"step_{step}", out / f"step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     lora = bool(lora_layers(model))
@@ -537,55 +608,11 @@ def save_checkpoint(out: Path, step: int, model, teacher, tokenizer, optimizer, 
             shutil.rmtree(old)
 
 
-def evaluate_both(model, teacher, tokenizer, examples, cfg: Config) -> dict:
-    """Held-out accuracy of the student (question alone) and of the teacher (with the reference), greedy,
-    sampled batch_size problems at a time like the rollouts (so no larger KV cache)."""
-    student = evaluate(model, tokenizer, examples, with_reference=False, thinking=cfg.student_thinking,
-                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)["avg@1"]
-    with adapters_off(teacher, cfg.teacher_decay == 1):
-        teacher = evaluate(teacher, tokenizer, examples, with_reference=True, thinking=cfg.teacher_thinking,
-                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)["avg@1"]
-    return {"student_acc": student, "teacher_acc": teacher}
-
-
-def all_sum(values: list[float], world: int, device) -> list[float]:
-    """torchrun: the element-wise sum of `values` over the processes; in a single process, `values`."""
-    if world == 1:
-        return values
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(total)
-    return total.tolist()
-
-
-def train(cfg: Config) -> list[dict]:
-    """Runs OPSD; returns the held-out evaluations, one dict per evaluation."""
-    t0 = time.time()
-    # torchrun: one process (rank) per GPU, each holding the whole model and taking 1/world of each step's
-    # problems; the gradients are summed over the ranks before the optimizer step. `python opsd.py` sets no
-    # WORLD_SIZE, so world = 1 and nothing distributed is touched.
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # torchrun
-        if cfg.batch_size % world:
-            raise ValueError(f"batch_size={cfg.batch_size} does not split over {world} processes: use a multiple")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",  # the others wait
-                                             timeout=datetime.timedelta(hours=3))  # while rank 0 evaluates
-        if rank > 0:  # rank 0 alone prints
-            sys.stdout = open(os.devnull, "w")
-    out = Path(cfg.out_dir)
-    if (out / "latest").exists() and not cfg.resume:
-        raise FileExistsError(f"{out} holds a run already: pass --resume to continue it, or another --out_dir")
-    checkpoint = out / (out / "latest").read_text() if cfg.resume and (out / "latest").exists() else None
-    if checkpoint:
-        saved = json.loads((checkpoint / "opsd_config.json").read_text())
-        changed = [f"--{k} ({saved[k]} there, {v} here)" for k, v in asdict(cfg).items()
-                   if k not in ("resume", "steps") and v != saved[k]]
-        if changed:
-            raise ValueError(f"{checkpoint} was trained with other settings: {', '.join(changed)}. "
-                             "Resume with the run's own settings; only --steps may change.")
-    print(json.dumps(asdict(cfg), indent=1))
-    torch.manual_seed(cfg.seed)  # the same on every rank: same LoRA initialisation
+def build_models(cfg: Config, checkpoint: Path | None):
+    """The student (with adapters if cfg.lora_rank), the teacher, the tokenizer, the optimizer and the step to
+    start from. The teacher is never trained: the initial weights (teacher_decay 1), the live ones (0) or an
+    EMA. With LoRA or the live weights it is the student's own network (adapters off for the fixed one)."""
+    torch.manual_seed(cfg.seed)  # the same on every rank: the same LoRA initialisation
     lora = cfg.lora_rank > 0
     model, tokenizer = load_model(str(checkpoint if checkpoint and not lora else cfg.model), cfg.dtype,
                                   cfg.trust_remote_code)
@@ -595,8 +622,6 @@ def train(cfg: Config) -> list[dict]:
             model.load_state_dict(torch.load(checkpoint / "adapters.pt", weights_only=True), strict=False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # The teacher, never trained: the initial weights (teacher_decay 1), the live ones (0) or an EMA. With LoRA
-    # or the live weights it is the student's own network (adapters off for the fixed one): no second copy.
     if lora or cfg.teacher_decay == 0 or cfg.method != "opsd":  # the baselines only evaluate it
         teacher = model
     else:
@@ -612,10 +637,11 @@ def train(cfg: Config) -> list[dict]:
         start = state["step"]
         optimizer.load_state_dict(state["optimizer"])
         print(f"resuming from {checkpoint} at step {start}")
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl" if rank == 0 else Path(os.devnull)  # torchrun: rank 0 alone logs
-    rows = map(json.loads, metrics_path.read_text().splitlines()) if checkpoint else []
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start))  # not after it
+    return model, teacher, tokenizer, optimizer, start
+
+
+def load_data(cfg: Config, model, tokenizer) -> tuple[list[Example], list[Example]]:
+    """The training and held-out problems, each with prompts that fit the model's context."""
     columns = dict(question_column=cfg.question_column, solution_column=cfg.solution_column,
                    answer_column=cfg.answer_column)
     train_set = load_examples(cfg.dataset, "train", seed=cfg.seed, **columns)
@@ -639,109 +665,52 @@ def train(cfg: Config) -> list[dict]:
                          f"tokens: at least batch_size={cfg.batch_size} and 1 are needed")
     if tokenizer.chat_template is None:
         print(f"{cfg.model} has no chat template: the prompts are plain text and the thinking flags do nothing")
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return train_set, test_set
+
+
+def train(cfg: Config) -> list[dict]:
+    """Runs OPSD (or a baseline: cfg.method) with the settings in cfg; returns the held-out evaluations."""
+    t0 = time.time()
+    rank, world = start_processes(cfg)
+    out = Path(cfg.out_dir)
+    checkpoint = find_checkpoint(out, cfg)
+    print(json.dumps(asdict(cfg), indent=1))
+    model, teacher, tokenizer, optimizer, start = build_models(cfg, checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl" if rank == 0 else Path(os.devnull)  # torchrun: rank 0 alone logs
+    rows = map(json.loads, metrics_path.read_text().splitlines()) if checkpoint else []
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start))  # not after it
+    train_set, test_set = load_data(cfg, model, tokenizer)
     fused = cfg.fused and logits_are_linear(model)
     if cfg.fused and not fused:
         print("the loss takes the plain path: this model's logits are not hidden @ W.T (a bias, soft-capping...)")
-    forward = completion_hidden if fused else completion_logits
 
     def log(row):
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def evaluate_and_log(done):
-        if rank > 0:  # torchrun: rank 0 alone evaluates
-            return
-        result = {"step": done, **evaluate_both(model, teacher, tokenizer, test_set, cfg)}
-        log(result)
-        tqdm.write(f"step {done:4d}: student {result['student_acc']:.1%}, teacher {result['teacher_acc']:.1%}")
+        if rank == 0:  # torchrun: rank 0 alone evaluates; the others wait
+            result = {"step": done, **evaluate_both(model, teacher, tokenizer, test_set, cfg)}
+            log(result)
+            tqdm.write(f"step {done:4d}: student {result['student_acc']:.1%}, teacher {result['teacher_acc']:.1%}")
 
     if start == 0:
         evaluate_and_log(0)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="opsd", disable=rank > 0)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=rank > 0)
     for step in bar:
         step_start = time.time()
-        # The problems and the sampling noise depend on (seed, step) alone, so a resumed run sees the same.
+        # 1-2. The two prompts of each problem, and the student's rollouts. The problems and the noise depend
+        #      on (seed, step) alone, so a resumed run sees the same; with torchrun each rank takes its share.
         step_seed = cfg.seed * 1_000_003 + step
-        batch = random.Random(step_seed).sample(train_set, cfg.batch_size)[rank::world]  # torchrun: a share
-        problems = [ex for ex in batch for _ in range(cfg.group_size)]  # each problem group_size times in a row
-        generator = torch.Generator(model.device).manual_seed(step_seed * world + rank)  # torchrun: seed per rank
-        student_ids = [encode(student_prompt(ex, tokenizer, cfg.student_thinking), tokenizer) for ex in problems]
-        teacher_ids = [encode(teacher_prompt(ex, tokenizer, cfg.teacher_thinking), tokenizer) for ex in problems]
-
-        # 1. Sample the rollouts from the student, on the plain prompt. (SFT takes the reference solution instead.)
-        model.eval()
-        if cfg.method == "sft":
-            completions = [(tokenizer(ex.solution, add_special_tokens=False).input_ids + [eos])[:cfg.max_new_tokens]
-                           for ex in problems]
-        else:
-            completions = sample(model, student_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
-                                 eos, pad, generator)
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        rewards = torch.tensor([float(is_equivalent(extract_answer(t), ex.answer)) for t, ex in zip(texts, problems)])
-        # The loss is normalised by the completion tokens of the whole step (of all ranks, torchrun: all_sum).
-        n_tokens = int(all_sum([sum(map(len, completions))], world, model.device)[0])
-        n = cfg.batch_size * cfg.group_size  # rollouts of the whole step
-        totals = {"loss": 0.0, "divergence": 0.0, "clipped_mass": 0.0, "rollout_acc": rewards.sum().item() / n}
-        if cfg.method == "grpo":  # groups whose rollouts all score the same teach nothing
-            totals["zero_std_groups"] = (rewards.view(-1, cfg.group_size).std(1) == 0).sum().item() / cfg.batch_size
-        advantages = group_advantages(rewards, cfg.group_size) if cfg.method == "grpo" else torch.ones_like(rewards)
-        for i in range(0, len(problems), cfg.micro_batch_size):
-            part = slice(i, i + cfg.micro_batch_size)
-            stats = {}
-            if cfg.method == "opsd":
-                # 2. Re-score the same tokens with the teacher: privileged context, no grad (a target, not a
-                #    model being trained). The fused path stops at the hidden states; the loss applies the head.
-                teacher.eval()
-                with torch.no_grad(), adapters_off(teacher, cfg.teacher_decay == 1):
-                    teacher_out, mask = forward(teacher, teacher_ids[part], completions[part])
-                # 3. The student on its own rollout, and the per-token divergence on completion tokens.
-                model.train()
-                student_out, mask = forward(model, student_ids[part], completions[part])
-                completion_ids = pad_right(completions[part], model.device) if cfg.sampled_token else None
-                if fused:
-                    loss = fused_divergence(student_out, teacher_out, lm_head(model).weight, mask, cfg.beta,
-                                            cfg.temperature, cfg.clip, teacher_weight=lm_head(teacher).weight,
-                                            stats=stats, sampled_ids=completion_ids)
-                elif cfg.sampled_token:
-                    loss = sampled_token_loss(student_out, teacher_out, completion_ids, mask, cfg.temperature)
-                    divergence(student_out.detach(), teacher_out, mask, cfg.beta, cfg.temperature, cfg.clip, stats)
-                else:
-                    loss = divergence(student_out, teacher_out, mask, cfg.beta, cfg.temperature, cfg.clip, stats)
-            else:
-                # 2-3. The baselines, no teacher: -A log p_S(y_n) on every completion token, with A = 1 for SFT
-                #      (cross-entropy on the reference) and the rollout's group-normalised reward for GRPO.
-                model.train()
-                student_logits, mask = completion_logits(model, student_ids[part], completions[part])
-                student_logp = token_log_probs(student_logits, pad_right(completions[part], model.device),
-                                               1.0 if cfg.method == "sft" else cfg.temperature)  # (B, L)
-                loss = weighted_nll(student_logp, advantages[part, None].to(model.device), mask)
-            share = mask.sum().item() / n_tokens  # this micro-batch's share of the step's completion tokens
-            (loss * share).backward()
-            for key, value in (("loss", loss.item()), *stats.items()):
-                totals[key] += value * share
-        if world > 1:  # torchrun: sum the gradients and the statistics of all ranks
-            for p in optimizer.param_groups[0]["params"]:  # the trained parameters
-                torch.distributed.all_reduce(p.grad)
-            totals = dict(zip(totals, all_sum(list(totals.values()), world, model.device)))
-        if not math.isfinite(totals["loss"]):
-            raise FloatingPointError(f"the loss is {totals['loss']} at step {step}: lower --lr or check the data")
-
-        # 4. Clip the gradient, step, and move an EMA teacher toward the student.
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * (1 - step / cfg.steps)  # linear decay to zero, a function of the step alone
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if 0 < cfg.teacher_decay < 1:
-            with torch.no_grad():
-                for t, s in zip(teacher.parameters(), model.parameters()):
-                    t.lerp_(s, 1 - cfg.teacher_decay)
-
-        # 5. Log one line, and checkpoint.
+        batch = random.Random(step_seed).sample(train_set, cfg.batch_size)[rank::world]
+        generator = torch.Generator(model.device).manual_seed(step_seed * world + rank)
+        rollouts = collect_rollouts(model, tokenizer, batch, cfg, generator)
+        # 3-5. Re-score them with the teacher, the per-token divergence, backward, clip and step.
+        stats = train_step(model, teacher, optimizer, rollouts, cfg, cfg.lr * (1 - step / cfg.steps), fused)
+        # 6. Log one line; evaluate and checkpoint every so often.
         seconds = time.time() - step_start
-        row = {"step": step + 1, **totals, "length": n_tokens / n, "generated": 0 if cfg.method == "sft" else n_tokens,
-               "grad_norm": grad_norm, "seconds": seconds, "tokens_per_s": n_tokens / seconds}
+        row = {"step": step + 1, **stats, "seconds": seconds, "tokens_per_s": stats["tokens"] / seconds}
         if model.device.type == "cuda":
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         log(row)
@@ -751,17 +720,19 @@ def train(cfg: Config) -> list[dict]:
             evaluate_and_log(step + 1)
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(out, step + 1, model, teacher, tokenizer, optimizer, cfg)
-
     if world > 1:  # torchrun
         torch.distributed.destroy_process_group()
-    if rank > 0:
-        return []
+    return summarize_run(metrics_path, len(test_set), t0) if rank == 0 else []
+
+
+def summarize_run(metrics_path: Path, problems: int, t0: float) -> list[dict]:
+    """Prints the table of held-out accuracies, and returns them."""
     evals = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "student_acc" in r]
     print("\n  step | student, question alone | teacher, with reference")
     for r in evals:
         print(f"{r['step']:6d} | {r['student_acc']:23.1%} | {r['teacher_acc']:23.1%}")
     first, last, minutes = evals[0], evals[-1], (time.time() - t0) / 60
-    print(f"student accuracy {first['student_acc']:.1%} -> {last['student_acc']:.1%} on {len(test_set)} held-out "
+    print(f"student accuracy {first['student_acc']:.1%} -> {last['student_acc']:.1%} on {problems} held-out "
           f"problems (teacher with reference {last['teacher_acc']:.1%}), {minutes:.1f} min")
     return evals
 

@@ -32,7 +32,7 @@ if __name__ == "__main__":
     parser.add_argument("--fixed_rollouts", action="store_true")
     parser.add_argument("--crash_after", type=int, default=0)
     hooks, rest = parser.parse_known_args()
-    if hooks.fixed_rollouts:
+    if hooks.fixed_rollouts:  # collect_rollouts calls opsd's global name `sample`, which this replaces
         opsd.sample = fixed_rollouts
     if hooks.crash_after:
         opsd.save_checkpoint = crash_after(hooks.crash_after)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from data import builtin_examples
 from evaluate import evaluate
-from opsd import load_model
+from sampling import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

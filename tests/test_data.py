@@ -1,4 +1,5 @@
-"""The built-in task, the tokenizer, the two prompts, hub and local data sets, fitting prompts."""
+"""The built-in task, the tokenizer, the two prompts, hub and local data sets, fitting prompts, reading the
+final answer out of a solution."""
 
 import json
 
@@ -6,9 +7,8 @@ import pytest
 from conftest import qwen3_tokenizer
 
 import data
-from data import (INSTRUCTION, Example, builtin_examples, char_tokenizer, encode, fit_prompts, load_examples,
-                  shorten_reference, student_prompt, teacher_prompt)
-from evaluate import extract_answer
+from data import (INSTRUCTION, Example, builtin_examples, char_tokenizer, encode, extract_answer, fit_prompts,
+                  load_examples, shorten_reference, student_prompt, teacher_prompt)
 
 
 def test_builtin_task_is_deterministic_with_disjoint_splits():
@@ -132,3 +132,21 @@ def test_a_long_reference_is_cut_in_its_middle_and_what_cannot_fit_is_skipped(ca
     short = shorten_reference(long, with_template, limit)
     assert len(encode(teacher_prompt(short, with_template), with_template)) <= limit
     assert teacher_prompt(short, with_template).startswith("<|im_start|>user\nProblem: what is 3+4?")
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("so \\boxed{42}", "42"),
+    ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # several boxes: the last
+    ("\\boxed{ {a}+{b} }", "{a}+{b}"),  # nested braces
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}.", "\\frac{\\sqrt{3}}{2}"),
+    ("first \\boxed{3}, finally \\fbox{4}", "4"),
+    ("no box here", None),
+    ("cut off \\boxed{12", None),  # a completion truncated inside its box has no answer
+    ("\\boxed{7} and then cut off \\boxed{\\frac{1}{", None),
+    ("48/2 = 24 clips.\n#### 24", "24"),  # GSM8K
+    ("So the answer is 17.", "17"),
+    ("The final answer is: $\\frac{3}{4}$.", "\\frac{3}{4}"),
+    ("#### ", None),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer

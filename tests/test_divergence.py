@@ -1,15 +1,17 @@
-"""The divergences against a plain per-token loop in float64, and the properties the method relies on."""
+"""The divergences against a plain per-token loop in float64, the properties the method relies on, and the
+loss of one batch (opsd_loss) against its definition on a tiny model."""
 
 import math
 
 import pytest
 import torch
+from conftest import make_model
 
-from opsd import divergence, sampled_token_loss
+from opsd import completion_logits, divergence, opsd_loss, sampled_token_loss
 
 
 def reference(student_logits, teacher_logits, mask, beta, temperature, clip):
-    """One token at a time, straight from the definitions in PAPER.md."""
+    """One token at a time, straight from the definitions: Eq. 9 of the paper and its two KL limits."""
     total, count = 0.0, 0
     for b, l in mask.nonzero().tolist():
         p_s = torch.softmax(student_logits[b, l] / temperature, -1).tolist()
@@ -120,3 +122,34 @@ def test_sampled_token_loss_value_and_gradient():
     # d/dz of -A log p_S(y) = -A (onehot(y) - p_S), at each masked position, over the token count
     expected = -advantage[..., None] * (torch.nn.functional.one_hot(ids, 11) - student.softmax(-1)) / mask.sum()
     torch.testing.assert_close(student.grad, torch.where(mask[..., None], expected, 0).detach())
+
+
+STUDENT_PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+TEACHER_PROMPTS = [[14, 15, 16, 17, 18, 19, 20], [21, 22], [23, 24, 25, 26]]
+COMPLETIONS = [[30, 31, 32, 33, 34, 35], [36, 37], [38, 39, 40, 41]]  # of different lengths
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("same_model", [False, True])
+def test_opsd_loss_is_the_divergence_of_the_two_context_logits(tokenizer, fused, same_model):
+    """opsd_loss equals divergence(completion_logits(model, student prompts), completion_logits(teacher,
+    teacher prompts)), gives the student that expression's gradient, and the teacher none."""
+    model = make_model("llama", tokenizer, seed=0).double()
+    teacher = model if same_model else make_model("llama", tokenizer, seed=1).double()
+    for beta, temperature, clip in ((0.0, 1.0, None), (0.3, 1.3, 1e-5), (1.0, 0.7, None)):  # small terms: a small clip
+        student_logits, mask = completion_logits(model, STUDENT_PROMPTS, COMPLETIONS)
+        with torch.no_grad():
+            teacher_logits, _ = completion_logits(teacher, TEACHER_PROMPTS, COMPLETIONS)
+        expected = divergence(student_logits, teacher_logits, mask, beta, temperature, clip)
+        expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+        model.zero_grad()
+        teacher.zero_grad()
+        stats = {}
+        loss = opsd_loss(model, teacher, STUDENT_PROMPTS, TEACHER_PROMPTS, COMPLETIONS, beta, temperature, clip,
+                         fused=fused, stats=stats)
+        loss.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+        for p, grad in zip(model.parameters(), expected_grads):
+            torch.testing.assert_close(p.grad, grad, rtol=1e-8, atol=1e-12)
+        assert same_model or all(p.grad is None for p in teacher.parameters())
+        assert stats["divergence"] > 0 and (clip is not None) == (stats["clipped_mass"] > 0)

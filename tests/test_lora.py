@@ -12,7 +12,8 @@ from test_train import small_config
 from transformers import AutoModelForCausalLM
 
 import opsd
-from opsd import LoRALinear, adapters_off, add_lora, lora_layers, parse_config, train
+from lora import LoRALinear, adapters_off, add_lora, lora_layers
+from opsd import parse_config, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

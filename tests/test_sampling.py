@@ -2,7 +2,8 @@
 
 import torch
 
-from opsd import completion_logits, next_token, sample
+from opsd import completion_logits
+from sampling import next_token, sample
 
 PROMPTS = [[5, 9, 17, 40], [33, 2, 60, 61, 62, 70, 80, 12, 13], [44], [90, 91, 92, 93, 94, 95]]
 

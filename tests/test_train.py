@@ -6,10 +6,11 @@ from dataclasses import fields
 
 import pytest
 import torch
+from conftest import make_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import opsd
-from opsd import Config, parse_config, save_checkpoint, train
+from opsd import Config, Rollouts, opsd_loss, parse_config, save_checkpoint, train, train_step
 
 
 def small_config(model_dir, out_dir, **changes) -> Config:
@@ -134,7 +135,6 @@ def test_fused_and_plain_training_take_the_same_step(model_dir, tmp_path, monkey
 
 
 def test_the_fused_path_is_used_only_where_logits_are_hidden_times_the_head(tokenizer):
-    from conftest import make_model
     from opsd import logits_are_linear
     assert logits_are_linear(make_model("llama", tokenizer)) and logits_are_linear(make_model("gpt2", tokenizer))
     biased = make_model("llama", tokenizer)
@@ -143,3 +143,21 @@ def test_the_fused_path_is_used_only_where_logits_are_hidden_times_the_head(toke
     scaled = make_model("llama", tokenizer)
     scaled.lm_head.forward = lambda h: torch.nn.functional.linear(h, scaled.lm_head.weight) * 0.5  # a logit scale
     assert not logits_are_linear(scaled)
+
+
+def test_one_train_step_is_opsd_loss_backward_and_an_optimizer_step(tokenizer):
+    """Micro-batches of one rollout each, of different lengths, weighted by their share of the step's tokens,
+    make the step of the whole batch's loss. SGD with lr 0.5 makes the weight change -0.5 x the gradient."""
+    model, teacher = make_model("llama", tokenizer, seed=0).double(), make_model("llama", tokenizer, seed=1).double()
+    prompts, teacher_prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]], [[14, 15, 16], [21, 22], [23, 24, 25, 26]]
+    completions = [[30, 31, 32, 33, 34, 35], [36, 37], [38, 39, 40, 41]]
+    loss = opsd_loss(model, teacher, prompts, teacher_prompts, completions, beta=0.3)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    before = [p.detach().clone() for p in model.parameters()]
+    rollouts = Rollouts(prompts, teacher_prompts, completions, rewards=torch.tensor([1.0, 0.0, 0.0]))
+    cfg = Config(batch_size=3, micro_batch_size=1, beta=0.3, grad_clip=1e9)
+    stats = train_step(model, teacher, torch.optim.SGD(model.parameters(), lr=1.0), rollouts, cfg, 0.5, fused=True)
+    for p, start, grad in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), start - 0.5 * grad, rtol=1e-8, atol=1e-12)
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-10)
+    assert (stats["length"], stats["tokens"], stats["rollout_acc"]) == (4, 12, pytest.approx(1 / 3))

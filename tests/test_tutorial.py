@@ -8,7 +8,9 @@ import pytest
 
 import data
 import evaluate
+import lora
 import opsd
+import sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = nbformat.read(ROOT / "tutorial.ipynb", as_version=4)
@@ -45,12 +47,13 @@ def test_each_exercise_check_passes_on_the_solution_and_fails_on_a_wrong_answer(
 
 
 def test_the_notebook_imports_what_it_teaches_and_redefines_nothing():
-    library = {name for module in (opsd, data, evaluate) for name in vars(module) if not name.startswith("_")}
+    modules = (opsd, data, evaluate, sampling, lora)
+    library = {name for module in modules for name in vars(module) if not name.startswith("_")}
     imported, defined = set(), set()
     for cell in NOTEBOOK.cells:
         if cell.cell_type == "code":
             for node in ast.walk(ast.parse(cell.source)):
-                if isinstance(node, ast.ImportFrom) and node.module in ("opsd", "data", "evaluate"):
+                if isinstance(node, ast.ImportFrom) and node.module in {m.__name__ for m in modules}:
                     imported |= {alias.name for alias in node.names}
                 elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                     defined.add(node.name)

@@ -1,0 +1,74 @@
+"""lora.py: LoRA (Hu et al., 2021) written out, about 60 lines, no peft.
+
+A frozen linear layer W gets a trainable low-rank update,
+    y = W x + (alpha / r) B A x,    A (r, in) random, B (out, r) zero,
+so that training starts exactly at the base model. OPSD's fixed teacher is then the same network with its
+adapters switched off (`adapters_off`): no second copy of the weights. The adapters are float32 whatever the
+model's dtype.
+Owns: wrapping a model's linear layers, switching the adapters off, the adapters' state, merging them.
+Leaves out: dropout on the adapters, other adapter kinds (DoRA, IA3), quantised base weights.
+"""
+
+import contextlib
+import math
+
+import torch
+
+
+class LoRALinear(torch.nn.Module):
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / rank, True
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(y.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        return (self.base.weight.float() + self.scale * self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+
+
+def add_lora(model, rank: int, alpha: float, targets: list[str]):
+    """Wraps every nn.Linear named in targets (q_proj, ...) in a LoRALinear and freezes all other weights."""
+    model.requires_grad_(False)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, torch.nn.Linear):
+                setattr(parent, name, LoRALinear(child, rank, alpha))
+    if not lora_layers(model):
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"no linear layer is named {targets}; this model's are {names}: set --lora_targets")
+
+
+def lora_layers(model) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_off(model, off: bool = True):
+    """Runs the base model (the fixed teacher) inside the block. A model without adapters is unchanged."""
+    for layer in lora_layers(model):
+        layer.enabled = not off
+    try:
+        yield
+    finally:
+        for layer in lora_layers(model):
+            layer.enabled = True
+
+
+def adapter_state(model) -> dict:
+    return {name: value for name, value in model.state_dict().items() if ".lora_" in name}
+
+
+def merged_state_dict(model) -> dict:
+    """The weights with every adapter folded in (W + alpha / r B A), named as in the base model, so that
+    save_pretrained writes a model that from_pretrained loads without opsd."""
+    state = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    state.update({f"{name}.weight": m.merged_weight() for name, m in model.named_modules()
+                  if isinstance(m, LoRALinear)})
+    return state

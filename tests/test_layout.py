@@ -1,0 +1,70 @@
+"""How the code is laid out for reading: modules in layers with no import circle, and opsd.py in the
+algorithm's order, the method before the engineering."""
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
+
+
+def project_imports(module: str) -> set[str]:
+    """The project modules that `module` imports anywhere in it, inside functions too."""
+    found = set()
+    for node in ast.walk(ast.parse((ROOT / f"{module}.py").read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(MODULES) - {module}
+
+
+def import_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A list of modules that import each other in a circle, or None."""
+    state = {}  # module -> "open" while its imports are being followed, "done" after
+
+    def visit(module, path):
+        state[module] = "open"
+        for imported in sorted(graph[module]):
+            if state.get(imported) == "open":
+                return path[path.index(imported):] + [imported]
+            if imported not in state and (circle := visit(imported, path + [imported])):
+                return circle
+        state[module] = "done"
+        return None
+
+    return next((c for m in sorted(graph) if m not in state and (c := visit(m, [m]))), None)
+
+
+def test_the_circle_finder_finds_circles():
+    assert import_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert import_circle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_modules_import_each_other_in_no_circle():
+    graph = {module: project_imports(module) for module in MODULES}
+    assert {"data", "evaluate", "lora", "sampling"} <= graph["opsd"]  # the graph is really read
+    assert import_circle(graph) is None, f"an import circle: {' -> '.join(import_circle(graph))}"
+
+
+def test_each_module_imports_only_those_below_it_in_the_readme_table():
+    table = [m for m in re.findall(r"^\| `(\w+)\.py` \|", (ROOT / "README.md").read_text(), re.MULTILINE)]
+    assert sorted(table) == MODULES
+    for i, module in enumerate(table):
+        assert project_imports(module) <= set(table[i + 1:]), f"{module} imports a module above it"
+
+
+def test_opsd_reads_in_the_order_of_the_algorithm():
+    tree = ast.parse((ROOT / "opsd.py").read_text())
+    order = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    expected = ["collect_rollouts", "completion_logits", "divergence", "opsd_loss", "train_step",
+                "fused_divergence", "Config", "save_checkpoint", "train"]
+    assert [name for name in order if name in expected] == expected
+
+
+def test_no_function_is_longer_than_about_80_lines():
+    for module in MODULES:
+        for node in ast.walk(ast.parse((ROOT / f"{module}.py").read_text())):
+            if isinstance(node, ast.FunctionDef):
+                assert node.end_lineno - node.lineno < 85, f"{module}.{node.name} is too long to read at once"
