@@ -13,6 +13,7 @@ import random
 import re
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -71,6 +72,7 @@ PRESETS = {
     "hmmt25": ("MathArena/hmmt_feb_2025", None, "problem", None, "answer"),
     "math500": ("HuggingFaceH4/MATH-500", None, "problem", "solution", "answer"),
 }
+BENCHMARKS = ("aime24", "aime25", "hmmt25")  # evaluated as the paper does: evaluation_prompt, strict extraction
 
 
 def load_examples(source: str, split: str = "train", n: int | None = None, seed: int = 0, question_column: str = "",
@@ -89,13 +91,20 @@ def load_examples(source: str, split: str = "train", n: int | None = None, seed:
     question_column, solution_column = question_column or columns[0], solution_column or columns[1] or ""
     answer_column = answer_column or columns[2]
     kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(source.rsplit(".", 1)[-1])
-    if kind:
-        rows = datasets.load_dataset(kind, data_files=source, split="train")
-    else:
-        splits = datasets.load_dataset(name, config)
-        if split not in splits and len(splits) > 1:
-            raise ValueError(f"dataset {source!r} has no {split!r} split; it has {list(splits)}")
-        rows = splits[split] if split in splits else next(iter(splits.values()))
+    if kind and not Path(source).is_file():
+        raise ValueError(f"no data file {source!r}: check the path")
+    try:
+        if kind:
+            rows = datasets.load_dataset(kind, data_files=source, split="train")
+        else:
+            splits = datasets.load_dataset(name, config)
+            if split not in splits and len(splits) > 1:
+                raise ValueError(f"dataset {source!r} has no {split!r} split; it has {list(splits)}")
+            rows = splits[split] if split in splits else next(iter(splits.values()))
+    except OSError as e:  # not on the hub, or the hub out of reach
+        raise ValueError(f"cannot load the data set {source!r}: {str(e).splitlines()[0]} (offline, a hub data "
+                         "set must be in the local cache; a local file needs a .jsonl, .json, .csv or .parquet "
+                         "name)") from None
     missing = [c for c in (question_column, solution_column, answer_column) if c and c not in rows.column_names]
     if missing:
         raise ValueError(f"dataset {source!r} lacks the column(s) {missing}; it has {rows.column_names}. Name "
@@ -114,10 +123,11 @@ def load_examples(source: str, split: str = "train", n: int | None = None, seed:
 # The final answer of a solution or a completion: what the data sets without an answer column and the grader
 # (evaluate.py) read.
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, strict: bool = False) -> str | None:
     """The content of the last \\boxed{...} or \\fbox{...}, nested braces included (None if it is cut off);
-    without a box, what follows the last '####' (GSM8K's convention) or 'the answer is'; else None."""
-    boxes = list(re.finditer(r"\\(?:boxed|fbox)\{", text))
+    without a box, what follows the last '####' (GSM8K's convention) or 'the answer is'; else None. strict:
+    the last \\boxed{...} only, the rule of the paper's evaluation."""
+    boxes = list(re.finditer(r"\\boxed\{" if strict else r"\\(?:boxed|fbox)\{", text))
     if boxes:
         depth, begin = 0, boxes[-1].end()
         for i in range(begin, len(text)):
@@ -125,7 +135,7 @@ def extract_answer(text: str) -> str | None:
             if depth < 0:
                 return text[begin:i].strip()
         return None  # cut off inside the box
-    for marker in ("####", "answer is:?"):
+    for marker in () if strict else ("####", "answer is:?"):
         found = re.findall(marker + r"(.*)", text, re.IGNORECASE)
         if found:
             return re.sub(r"^[\s$*]+|[\s$*.]+$", "", found[-1]) or None
@@ -138,15 +148,25 @@ def extract_answer(text: str) -> str | None:
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{{}}."  # a format string
 STUDENT = "Problem: {question}\n\n" + INSTRUCTION
+TRANSITION = ("\n\nAfter reading the reference solution above, make sure you truly understand the reasoning behind "
+              "each step \u2014 do not copy or paraphrase it. Now, using your own words and independent reasoning, "
+              "derive the same final answer to the problem above. Think step by step, explore different approaches, "
+              "and don't be afraid to backtrack or reconsider if something doesn't work out:\n")
 TEACHER = ("Problem: {question}\n\nHere is a reference solution to this problem:\n"
-           "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n"
-           "Read the reference solution until you understand it, then solve the problem yourself, in your own "
-           "words, and reach the same final answer. Do not copy it.\n" + INSTRUCTION)
+           "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n" + TRANSITION + "\n"
+           + INSTRUCTION)
+EVALUATION = "{question}\n\n" + INSTRUCTION  # the official evaluation of the paper's benchmarks: no "Problem: "
 
 
 def student_prompt(example: Example, tokenizer, thinking: bool = False) -> str:
     """The student's context: the problem alone."""
     return render(STUDENT.format(question=example.question), tokenizer, thinking)
+
+
+def evaluation_prompt(example: Example, tokenizer, thinking: bool = True) -> str:
+    """The official evaluation prompt of the paper's benchmarks (AIME24/25, HMMT25): the student's without
+    'Problem: '."""
+    return render(EVALUATION.format(question=example.question), tokenizer, thinking)
 
 
 def teacher_prompt(example: Example, tokenizer, thinking: bool = True) -> str:

@@ -18,13 +18,15 @@ import json
 import math
 import operator
 import re
+import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from data import PRESETS, Example, encode, extract_answer, load_examples, student_prompt, teacher_prompt
-from sampling import load_model, sample
+from data import (BENCHMARKS, PRESETS, Example, encode, evaluation_prompt, extract_answer, load_examples,
+                  student_prompt, teacher_prompt)
+from sampling import load_model, sample, stop_ids
 
 try:
     import math_verify  # optional: symbolic equivalence, asked only where the rules below cannot decide
@@ -35,17 +37,26 @@ except ImportError:
 # ---------------------------------------------------------------------------------------------------------
 # Grading: two answers are equal when they are the same number, tuple or interval, whatever their form.
 
+UNITS = ("cm|mm|km|m|kg|g|mg|lbs?|pounds?|ounces?|oz|inch(?:es)?|in|feet|foot|ft|yards?|miles?|mph|meters?|metres?"
+         "|centimeters?|hours?|hrs?|minutes?|mins?|seconds?|secs?|s|days?|weeks?|months?|years?|dollars?|cents?"
+         "|degrees?|units?|square|sq|cubic|liters?|litres?|ml|l")  # words after a number that never change it
+
+
 def normalize(answer: str) -> str:
     """The answer without what never changes its value: $, spaces, \\left/\\right, \\text{} and the like,
-    units after a number, degrees, percent signs, thousands separators, a leading 'x ='."""
-    s = re.sub(r"\\left|\\right|\\[!,;: ]|\\quad|\\displaystyle|~|\$", " ", answer)
+    units after a number (in \\text{} or \\mbox{}, or a unit word), degrees, percent signs, thousands
+    separators, a leading 'x ='. A mixed number 1\\frac12 becomes (1+\\frac{1}{2})."""
+    s = re.sub(r"\{,\}", ",", answer)  # 1{,}000
+    s = re.sub(r"\\left|\\right|\\[!,;: ]|\\quad|\\displaystyle|~|\\?\$", " ", s)
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree|\\?%", "", s)
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
     s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)  # \sqrt2
+    s = re.sub(r"^\s*([-+]?[\d.,/]*\d)\s*\\(?:text|mbox)\{[^{}]*\}\s*$", r"\1", s)  # '5\text{ cm}' -> '5'
     while (unwrapped := re.sub(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{([^{}]*)\}", r" \1 ", s)) != s:
         s = unwrapped
-    s = re.sub(r"^([-+]?[\d.,/]*\d)\s+(?:[a-zA-Z]+\.?\s*)+$", r"\1", s.strip())  # units: '5 cm' -> '5'
+    s = re.sub(rf"^([-+]?[\d.,/]*\d)\s*(?:(?:{UNITS})\.?\s*)+$", r"\1", s.strip(), flags=re.I)  # '5 cm' -> '5'
+    s = re.sub(r"^(-?)(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}$", r"\1(\2+\\frac{\3}{\4})", s)  # a mixed number
     if s.count("=") == 1:
         s = re.sub(r"^[a-zA-Z]\w*\s*=", "", s)  # 'x = 5' -> '5'
     s = re.sub(r"\s+", "", s).rstrip(".").removeprefix("+")
@@ -61,10 +72,10 @@ OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mu
 def to_number(answer: str) -> float | None:
     """The value of a normalised answer made of numbers, + - * / ^, fractions, square roots and pi, else None.
     The LaTeX becomes a Python expression that is evaluated node by node (never with eval)."""
-    try:
+    if "_" in answer:  # Python reads 10_2 as 102
+        return None
+    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", answer, re.IGNORECASE):  # not inf, not nan
         return float(answer)
-    except ValueError:
-        pass
     expr = answer
     while True:  # innermost braces first, so that fractions and roots can nest
         new = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", expr)
@@ -149,10 +160,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def grade(completions: list[str], answer: str) -> dict:
-    """One problem's completions: the answer each gives, whether it is right, and the majority answer
-    (equivalent answers vote together; the first to reach the top count wins a tie)."""
-    extracted = [extract_answer(c) for c in completions]
+def grade(completions: list[str], answer: str, strict: bool = False) -> dict:
+    """One problem's completions: the answer each gives (extract_answer, strict or not), whether it is right,
+    and the majority answer (equivalent answers vote together; the first to reach the top count wins a tie)."""
+    extracted = [extract_answer(c, strict) for c in completions]
     votes = []  # [representative answer, count]
     for a in filter(None, extracted):
         group = next((g for g in votes if is_equivalent(a, g[0])), None)
@@ -185,31 +196,32 @@ def summarize(rows: list[dict], k: int) -> dict:
 def evaluate(model, tokenizer, examples: list[Example], with_reference: bool = False, thinking: bool = False,
              samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0, out_path: str | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, paper: bool = False) -> dict:
     """Samples `samples` completions per problem and returns summarize's scores; out_path gets one JSONL row
-    per problem. The student sees the question alone; with_reference=True gives the teacher's context."""
+    per problem. The student sees the question alone; with_reference=True gives the teacher's context.
+    paper=True evaluates as the paper does on its benchmarks: evaluation_prompt, and the last \\boxed{} only."""
     if with_reference and not all(ex.solution for ex in examples):
         raise ValueError("with_reference needs reference solutions, and some problems have none: name the "
                          "column with --solution_column")
-    render = teacher_prompt if with_reference else student_prompt
+    render = teacher_prompt if with_reference else evaluation_prompt if paper else student_prompt
     prompts = [render(ex, tokenizer, thinking) for ex in examples]
     ids = [encode(p, tokenizer) for p in prompts]
     jobs = sorted(((i, s) for i in range(len(examples)) for s in range(samples)), key=lambda job: len(ids[job[0]]))
     completions = [[[] for _ in range(samples)] for _ in examples]
-    generator = torch.Generator(model.device).manual_seed(seed)
+    generator, stops = torch.Generator(model.device).manual_seed(seed), stop_ids(model, tokenizer)
     model.eval()
     for start in tqdm(range(0, len(jobs), batch_size), desc="evaluate", disable=not progress):
         batch = jobs[start:start + batch_size]  # prompts of similar lengths: little padding
         outputs = sample(model, [ids[i] for i, _ in batch], max_new_tokens, temperature, top_p, top_k,
-                         tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+                         stops, tokenizer.pad_token_id, generator)
         for (i, s), output in zip(batch, outputs):
             completions[i][s] = output
     rows = []
     for ex, prompt, outputs in zip(examples, prompts, completions):
         texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
         rows.append({"question": ex.question, "answer": ex.answer, "prompt": prompt, "completions": texts,
-                     **grade(texts, ex.answer), "lengths": [len(o) for o in outputs],
-                     "truncated": [len(o) == max_new_tokens and o[-1] != tokenizer.eos_token_id for o in outputs]})
+                     **grade(texts, ex.answer, strict=paper), "lengths": [len(o) for o in outputs],
+                     "truncated": [len(o) == max_new_tokens and o[-1] not in stops for o in outputs]})
     if out_path:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -239,15 +251,19 @@ def main():
     parser.add_argument("--out", default=None, help="JSONL of every completion (default: runs/eval/DATASET.jsonl)")
     args = parser.parse_args()
 
-    model, tokenizer = load_model(args.model, args.dtype, args.trust_remote_code)
-    examples = load_examples(args.dataset, args.split, args.n, question_column=args.question_column,
-                             solution_column=args.solution_column, answer_column=args.answer_column)
+    try:  # bad input: one line that says what to do, no traceback, nothing written
+        model, tokenizer = load_model(args.model, args.dtype, args.trust_remote_code)
+        examples = load_examples(args.dataset, args.split, args.n, question_column=args.question_column,
+                                 solution_column=args.solution_column, answer_column=args.answer_column)
+    except ValueError as e:
+        sys.exit(f"evaluate.py: error: {e}")
+    paper = args.dataset in BENCHMARKS or args.dataset in (PRESETS[b][0] for b in BENCHMARKS)
     out = args.out or f"runs/eval/{Path(args.dataset).stem}.jsonl"
     scores = evaluate(model, tokenizer, examples, with_reference=args.with_reference, thinking=args.thinking,
                       samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, out_path=out,
-                      progress=True)
-    context = "with the reference" if args.with_reference else "question alone"
+                      progress=True, paper=paper)
+    context = "with the reference" if args.with_reference else "the paper's prompt" if paper else "question alone"
     decoding = "greedy" if args.temperature == 0 else f"T {args.temperature}, top-p {args.top_p}, top-k {args.top_k}"
     print(f"{args.model} on {args.dataset}: {len(examples)} problems, {context}, {args.samples} completion(s) each "
           f"({decoding}), up to {args.max_new_tokens} new tokens, thinking {'on' if args.thinking else 'off'}")

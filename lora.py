@@ -4,13 +4,17 @@ A frozen linear layer W gets a trainable low-rank update,
     y = W x + (alpha / r) B A x,    A (r, in) random, B (out, r) zero,
 so that training starts exactly at the base model. OPSD's fixed teacher is then the same network with its
 adapters switched off (`adapters_off`): no second copy of the weights. The adapters are float32 whatever the
-model's dtype.
-Owns: wrapping a model's linear layers, switching the adapters off, the adapters' state, merging them.
+model's dtype, and so are merged weights: at a small learning rate the update is about one bf16 step of W,
+and rounding W + (alpha / r) B A to bf16 would lose most of it.
+Owns: wrapping a model's linear layers, switching the adapters off, saving and loading the adapters with
+their settings and the name of their base model, merging them.
 Leaves out: dropout on the adapters, other adapter kinds (DoRA, IA3), quantised base weights.
 """
 
 import contextlib
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -30,7 +34,7 @@ class LoRALinear(torch.nn.Module):
         return y + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(y.dtype)
 
     def merged_weight(self) -> torch.Tensor:
-        return (self.base.weight.float() + self.scale * self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+        return self.base.weight.float() + self.scale * self.lora_B @ self.lora_A  # float32: it keeps the update
 
 
 def add_lora(model, rank: int, alpha: float, targets: list[str]):
@@ -65,10 +69,28 @@ def adapter_state(model) -> dict:
     return {name: value for name, value in model.state_dict().items() if ".lora_" in name}
 
 
+def save_adapters(model, folder: Path, base_model: str):
+    """adapters.pt, and adapter_config.json with what load_adapters needs: the base model, rank, alpha, targets."""
+    layers = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    rank = next(iter(layers.values())).lora_A.size(0)
+    settings = {"base_model": base_model, "rank": rank, "alpha": next(iter(layers.values())).scale * rank,
+                "targets": sorted(layers)}
+    torch.save(adapter_state(model), folder / "adapters.pt")
+    (folder / "adapter_config.json").write_text(json.dumps(settings, indent=1))
+
+
+def load_adapters(model, folder: Path):
+    """Wraps the base model's layers as save_adapters recorded, and loads the trained adapters onto them."""
+    settings = json.loads((folder / "adapter_config.json").read_text())
+    add_lora(model, settings["rank"], settings["alpha"], settings["targets"])
+    model.load_state_dict(torch.load(folder / "adapters.pt", weights_only=True, map_location=model.device),
+                          strict=False)
+
+
 def merged_state_dict(model) -> dict:
-    """The weights with every adapter folded in (W + alpha / r B A), named as in the base model, so that
-    save_pretrained writes a model that from_pretrained loads without opsd."""
-    state = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    """The weights with every adapter folded in (W + alpha / r B A), named as in the base model, all in
+    float32, so that save_pretrained writes a model that from_pretrained loads without opsd."""
+    state = {k.replace(".base.", "."): v.float() for k, v in model.state_dict().items() if ".lora_" not in k}
     state.update({f"{name}.weight": m.merged_weight() for name, m in model.named_modules()
                   if isinstance(m, LoRALinear)})
     return state

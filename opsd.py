@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from data import Example, encode, extract_answer, fit_prompts, load_examples, student_prompt, teacher_prompt
 from evaluate import evaluate, is_equivalent
-from lora import adapter_state, adapters_off, add_lora, lora_layers, merged_state_dict
-from sampling import load_model, pad_left, sample
+from lora import adapters_off, add_lora, lora_layers, merged_state_dict, save_adapters
+from sampling import load_model, pad_left, resolve_dtype, sample, stop_ids
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Rollouts: the student writes one completion per problem, on its own prompt (sampling.sample).
@@ -68,7 +68,7 @@ def collect_rollouts(model, tokenizer, problems: list[Example], cfg: "Config", g
                        [:cfg.max_new_tokens] for ex in problems]
     else:
         completions = sample(model, student_prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
-                             tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+                             stop_ids(model, tokenizer), tokenizer.pad_token_id, generator)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     rewards = torch.tensor([float(is_equivalent(extract_answer(t), ex.answer)) for t, ex in zip(texts, problems)])
     return Rollouts(student_prompts, teacher_prompts, completions, rewards)
@@ -201,7 +201,8 @@ def opsd_loss(model, teacher, student_prompts, teacher_prompts, completions, bet
     teacher.eval()
     with torch.no_grad(), adapters_off(teacher, base_teacher):
         teacher_out, _ = forward(teacher, teacher_prompts, completions)
-    # The student scores the same tokens after its own prompt, with gradients.
+    # The student scores the same tokens after its own prompt, with gradients. (Train mode only switches on
+    # gradient checkpointing: dropout is off for good, so the two differ by their contexts alone.)
     model.train()
     student_out, mask = forward(model, student_prompts, completions)
     completion_ids = pad_right(completions, model.device) if sampled_token else None  # (B, L)
@@ -288,14 +289,21 @@ def train_step(model, teacher, optimizer, rollouts: Rollouts, cfg: "Config", lr:
         update_ema(teacher, model, cfg.teacher_decay)
     generated = 0 if cfg.method == "sft" else n_tokens
     return {**totals, "length": n_tokens / n_rollouts, "tokens": n_tokens, "generated": generated,
-            "grad_norm": grad_norm}
+            "grad_norm": grad_norm, "fused": fused and cfg.method == "opsd"}
 
 
 @torch.no_grad()
 def update_ema(teacher, model, decay: float):
-    """An EMA teacher follows the student slowly: theta_T <- decay theta_T + (1 - decay) theta_S."""
+    """An EMA teacher follows the student slowly: theta_T <- decay theta_T + (1 - decay) theta_S. Its weights
+    are float32 (build_models): in bf16, a move of (1 - decay) x a small update would round away."""
     for t, s in zip(teacher.parameters(), model.parameters()):
         t.lerp_(s, 1 - decay)
+
+
+def learning_rate(cfg: "Config", step: int) -> float:
+    """AdamW's learning rate at a step: constant, or decayed linearly to 0 over cfg.steps. No warm-up, as in
+    the official code, whose linear decay spans 30 epochs: over the paper's 100 steps it is constant."""
+    return cfg.lr * (1 - step / cfg.steps) if cfg.lr_schedule == "linear" else cfg.lr
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -370,7 +378,7 @@ class FusedDivergence(torch.autograd.Function):
                 g = torch.zeros_like(g).scatter_(-1, y, -advantage)  # g_y = -A, every other g_v = 0
             sums[0] += terms.sum()
             dz = g.sub_(student_logp.exp_().mul_(g.sum(-1, keepdim=True))).div_(temperature)  # (C, V): dL/dz
-            grad_hidden[rows] = dz.to(weight.dtype) @ weight
+            grad_hidden[rows] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)  # (autocast may compute it in bf16)
             if train_head:
                 grad_weight.addmm_(dz.T, h.to(dtype))  # accumulated over the chunks in float32 (or float64)
         ctx.grads = grad_hidden, grad_weight.to(weight.dtype) if train_head else None
@@ -410,13 +418,17 @@ def lm_head(model) -> torch.nn.Module:
 
 @torch.no_grad()
 def logits_are_linear(model) -> bool:
-    """Whether the model's logits are exactly hidden @ W.T, as fused_divergence assumes (no bias, no
-    soft-capping, no logit scale): checked on a few tokens rather than trusted from the config."""
-    if not isinstance(lm_head(model), torch.nn.Linear) or lm_head(model).bias is not None:
+    """Whether the model's logits are hidden @ W.T, as fused_divergence assumes (no bias, no soft-capping, no
+    logit scale): checked on a few tokens rather than trusted from the config, in float32, to a tolerance that
+    fits the weights' dtype (a bf16 matmul keeps about 3 digits, and another kernel may round differently)."""
+    head = lm_head(model)
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
         return False
     ids = torch.arange(min(16, model.config.vocab_size), device=model.device)[None]  # (1, 16)
-    linear = model.base_model(input_ids=ids).last_hidden_state @ lm_head(model).weight.T
-    return torch.allclose(model(input_ids=ids).logits.float(), linear.float(), rtol=1e-4, atol=1e-4)
+    linear = model.base_model(input_ids=ids).last_hidden_state.float() @ head.weight.float().T  # (1, 16, V)
+    logits = model(input_ids=ids).logits.float()  # (1, 16, V)
+    tolerance = 1e-4 if head.weight.dtype == torch.float32 else 4 * torch.finfo(head.weight.dtype).eps
+    return bool((logits - linear).abs().max() <= tolerance * (1 + logits.abs().max()))
 
 
 # =========================================================================================================
@@ -431,8 +443,9 @@ class Config:
     # model, data, run
     model: str = option("tiny/model", "base model: a local path or a hub name")
     trust_remote_code: bool = option(False, "run the code of the model's own repository (only if you trust it)")
-    dtype: str = option("auto", "weights' dtype: auto (bfloat16 on a GPU that supports it, else float32), float32 "
-                        "or bfloat16; the losses are float32 whatever it is")
+    dtype: str = option("auto", "compute dtype: auto (bfloat16 on a GPU that supports it, else float32), float32 or "
+                        "bfloat16. Weights that accumulate updates (trained weights, LoRA adapters, an EMA teacher) "
+                        "are float32 whatever it is, and so are the losses")
     dataset: str = option("builtin", "'builtin', a preset (openthoughts: the paper's, gsm8k, math), a hub data set "
                           "or a local JSON/JSONL/CSV/parquet file")
     question_column: str = option("", "column of the problems (default: the preset's, else 'question')")
@@ -474,18 +487,22 @@ class Config:
     lora_alpha: float = option(128.0, "the adapters' update is alpha / rank * B A (paper: 128)")
     lora_targets: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                "names of the linear layers that get adapters (paper: all projections)")
-    save_merged: bool = option(True, "with LoRA, checkpoints also hold the merged weights, which load with "
-                               "from_pretrained (the adapters alone are always saved)")
+    save_merged: bool = option(False, "with LoRA, checkpoints also hold the merged weights in float32, which load "
+                               "with from_pretrained (load_model loads the base model plus the adapters without them)")
     gradient_checkpointing: bool = option(False, "recompute activations during backward: less memory, slower")
     # optimisation
     steps: int = option(700, "optimizer steps (paper: about 100)")
-    lr: float = option(1e-3, "AdamW peak learning rate, decayed linearly to 0 (paper, LoRA on Qwen3: 5e-6)")
+    lr: float = option(1e-3, "AdamW learning rate (paper, LoRA on Qwen3: 5e-6)")
+    lr_schedule: str = option("linear", "constant, or linear (decay to 0 over --steps); the official run's decay "
+                              "spans 30 epochs, practically constant over its ~100 steps: the recipe uses constant")
     weight_decay: float = option(0.0, "AdamW weight decay")
     grad_clip: float = option(1.0, "clip the gradient norm to this (paper: 0.1)")
     # evaluation and checkpoints
     eval_every: int = option(100, "evaluate student and teacher on held-out problems every this many steps")
     eval_size: int = option(500, "held-out problems per evaluation (greedy, one completion each)")
     save_every: int = option(100, "write a checkpoint every this many steps (and at the end)")
+    keep_last: int = option(0, "keep only the newest this many checkpoints; 0 keeps every one (to evaluate each and "
+                            "keep the best, as the paper does)")
 
     def __post_init__(self):
         checks = {
@@ -500,6 +517,8 @@ class Config:
             "with LoRA the teacher is the base (teacher_decay 1) or the live weights (0): an EMA needs weights of "
             "its own": self.lora_rank == 0 or self.teacher_decay in (0, 1),
             "lr, grad_clip must be > 0": self.lr > 0 and self.grad_clip > 0,
+            "lr_schedule must be constant or linear": self.lr_schedule in ("constant", "linear"),
+            "keep_last must be >= 0": self.keep_last >= 0,
             "steps, max_new_tokens, max_prompt_tokens, eval_every, eval_size, save_every must be > 0": min(
                 self.steps, self.max_new_tokens, self.max_prompt_tokens, self.eval_every, self.eval_size,
                 self.save_every) > 0,
@@ -576,24 +595,30 @@ def find_checkpoint(out: Path, cfg: Config) -> Path | None:
         return None
     checkpoint = out / (out / "latest").read_text()
     saved = json.loads((checkpoint / "opsd_config.json").read_text())
+    may_change = {"resume", "keep_last"} | ({"steps"} if cfg.lr_schedule == "constant" else set())
     changed = [f"--{k} ({saved[k]} there, {v} here)" for k, v in asdict(cfg).items()
-               if k not in ("resume", "steps") and v != saved[k]]
+               if k not in may_change and v != saved.get(k, v)]
     if changed:
-        raise ValueError(f"{checkpoint} was trained with other settings: {', '.join(changed)}. "
-                         "Resume with the run's own settings; only --steps may change.")
+        raise ValueError(f"{checkpoint} was trained with other settings: {', '.join(changed)}. Resume with the "
+                         "run's own settings (--steps may change with --lr_schedule constant; a linear decay "
+                         "ends at the run's own --steps)")
     return checkpoint
 
 
 def save_checkpoint(out: Path, step: int, model, teacher, tokenizer, optimizer, cfg: Config):
-    """Written to a temporary folder, then renamed, so that a crash never leaves half of one."""
+    """step_N: what load_model loads and what --resume needs. Written to a temporary folder, then renamed, so
+    that a crash never leaves half of one; `latest` names the newest; cfg.keep_last may delete older ones."""
     final, tmp = out / f"step_{step}", out / f"step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     lora = bool(lora_layers(model))
-    if lora:  # the adapters are what a resumed run needs; the merged weights are for everyone else
-        tmp.mkdir(parents=True)
-        torch.save(adapter_state(model), tmp / "adapters.pt")
+    if lora:  # the float32 adapters and the name of their base model: exactly the model that trained
+        save_adapters(model, tmp, str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model)
     if cfg.save_merged or not lora:
         model.save_pretrained(tmp, state_dict=merged_state_dict(model) if lora else None)
+    if cfg.save_merged and lora:  # float32 in config.json too, or from_pretrained would round them to bf16
+        config = json.loads((tmp / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps({**config, "dtype": "float32"}, indent=2))
     tokenizer.save_pretrained(tmp)
     if 0 < cfg.teacher_decay < 1:  # an EMA teacher has weights of its own; the others are rebuilt
         teacher.save_pretrained(tmp / "teacher")
@@ -603,31 +628,37 @@ def save_checkpoint(out: Path, step: int, model, teacher, tokenizer, optimizer, 
     tmp.rename(final)
     (out / "latest.tmp").write_text(final.name)
     os.replace(out / "latest.tmp", out / "latest")  # atomic: 'latest' names a complete checkpoint
-    for old in out.glob("step_*"):
-        if old != final:
-            shutil.rmtree(old)
+    done = sorted((p for p in out.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    for old in done[:-cfg.keep_last] if cfg.keep_last else []:
+        shutil.rmtree(old)
 
 
 def build_models(cfg: Config, checkpoint: Path | None):
     """The student (with adapters if cfg.lora_rank), the teacher, the tokenizer, the optimizer and the step to
     start from. The teacher is never trained: the initial weights (teacher_decay 1), the live ones (0) or an
-    EMA. With LoRA or the live weights it is the student's own network (adapters off for the fixed one)."""
+    EMA. With LoRA or the live weights it is the student's own network (adapters off for the fixed one).
+    Precision: what accumulates small updates is float32. With LoRA the frozen base keeps the compute dtype
+    (cfg.dtype) and the float32 adapters train; full fine-tuning keeps the student's weights in float32 (the
+    master weights: AdamW's steps at lr 5e-6 are mostly below half a bf16 spacing) and computes in bf16 under
+    autocast (train); an EMA teacher is float32 too."""
     torch.manual_seed(cfg.seed)  # the same on every rank: the same LoRA initialisation
     lora = cfg.lora_rank > 0
-    model, tokenizer = load_model(str(checkpoint if checkpoint and not lora else cfg.model), cfg.dtype,
-                                  cfg.trust_remote_code)
+    model, tokenizer = load_model(str(checkpoint if checkpoint and not lora else cfg.model),
+                                  cfg.dtype if lora else "float32", cfg.trust_remote_code)
+    disable_dropout(model)
     if lora:  # only the adapters train; a resumed run loads them onto the base weights
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
         if checkpoint:
-            model.load_state_dict(torch.load(checkpoint / "adapters.pt", weights_only=True), strict=False)
+            model.load_state_dict(torch.load(checkpoint / "adapters.pt", weights_only=True, map_location=model.device),
+                                  strict=False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora or cfg.teacher_decay == 0 or cfg.method != "opsd":  # the baselines only evaluate it
         teacher = model
     else:
         from_base = cfg.teacher_decay == 1 or checkpoint is None
-        teacher = load_model(cfg.model if from_base else str(checkpoint / "teacher"), cfg.dtype,
-                             cfg.trust_remote_code)[0]
+        teacher = load_model(cfg.model if from_base else str(checkpoint / "teacher"),
+                             cfg.dtype if cfg.teacher_decay == 1 else "float32", cfg.trust_remote_code)[0]
         teacher.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
@@ -640,8 +671,18 @@ def build_models(cfg: Config, checkpoint: Path | None):
     return model, teacher, tokenizer, optimizer, start
 
 
-def load_data(cfg: Config, model, tokenizer) -> tuple[list[Example], list[Example]]:
-    """The training and held-out problems, each with prompts that fit the model's context."""
+def disable_dropout(model):
+    """Dropout off for good, as in the official code (TRL switches it off): student and teacher distributions
+    must differ by their contexts alone. Train mode stays, for gradient checkpointing."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # attention that reads a float
+            module.attention_dropout = 0.0
+
+
+def load_data(cfg: Config) -> tuple[list[Example], list[Example]]:
+    """The training and held-out problems (loaded before the model, so that a bad data set fails fast)."""
     columns = dict(question_column=cfg.question_column, solution_column=cfg.solution_column,
                    answer_column=cfg.answer_column)
     train_set = load_examples(cfg.dataset, "train", seed=cfg.seed, **columns)
@@ -653,6 +694,11 @@ def load_data(cfg: Config, model, tokenizer) -> tuple[list[Example], list[Exampl
     else:  # a fixed random eval_size problems of the data set, kept out of training
         random.Random(0).shuffle(train_set)
         train_set, test_set = train_set[cfg.eval_size:], train_set[:cfg.eval_size]
+    return train_set, test_set
+
+
+def fit_to_context(cfg: Config, model, tokenizer, train_set, test_set) -> tuple[list[Example], list[Example]]:
+    """The problems whose prompts, and rollouts, fit the model's context (data.fit_prompts)."""
     context = getattr(model.config, "max_position_embeddings", None) or math.inf
     limit = min(cfg.max_prompt_tokens, context - cfg.max_new_tokens)  # every prompt plus its rollout must fit
     if limit <= 0:
@@ -674,16 +720,17 @@ def train(cfg: Config) -> list[dict]:
     rank, world = start_processes(cfg)
     out = Path(cfg.out_dir)
     checkpoint = find_checkpoint(out, cfg)
+    train_set, test_set = load_data(cfg)
     print(json.dumps(asdict(cfg), indent=1))
     model, teacher, tokenizer, optimizer, start = build_models(cfg, checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
+    train_set, test_set = fit_to_context(cfg, model, tokenizer, train_set, test_set)
+    fused = cfg.fused and logits_are_linear(model)
+    print(f"the divergence takes the {'fused' if fused else 'plain'} path" + (
+        ": this model's logits are not hidden @ W.T (a bias, soft-capping...)" if cfg.fused and not fused else ""))
+    out.mkdir(parents=True, exist_ok=True)  # nothing is written before the settings, model and data are sound
     metrics_path = out / "metrics.jsonl" if rank == 0 else Path(os.devnull)  # torchrun: rank 0 alone logs
     rows = map(json.loads, metrics_path.read_text().splitlines()) if checkpoint else []
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start))  # not after it
-    train_set, test_set = load_data(cfg, model, tokenizer)
-    fused = cfg.fused and logits_are_linear(model)
-    if cfg.fused and not fused:
-        print("the loss takes the plain path: this model's logits are not hidden @ W.T (a bias, soft-capping...)")
 
     def log(row):
         with open(metrics_path, "a") as f:
@@ -695,31 +742,34 @@ def train(cfg: Config) -> list[dict]:
             log(result)
             tqdm.write(f"step {done:4d}: student {result['student_acc']:.1%}, teacher {result['teacher_acc']:.1%}")
 
-    if start == 0:
-        evaluate_and_log(0)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=rank > 0)
-    for step in bar:
-        step_start = time.time()
-        # 1-2. The two prompts of each problem, and the student's rollouts. The problems and the noise depend
-        #      on (seed, step) alone, so a resumed run sees the same; with torchrun each rank takes its share.
-        step_seed = cfg.seed * 1_000_003 + step
-        batch = random.Random(step_seed).sample(train_set, cfg.batch_size)[rank::world]
-        generator = torch.Generator(model.device).manual_seed(step_seed * world + rank)
-        rollouts = collect_rollouts(model, tokenizer, batch, cfg, generator)
-        # 3-5. Re-score them with the teacher, the per-token divergence, backward, clip and step.
-        stats = train_step(model, teacher, optimizer, rollouts, cfg, cfg.lr * (1 - step / cfg.steps), fused)
-        # 6. Log one line; evaluate and checkpoint every so often.
-        seconds = time.time() - step_start
-        row = {"step": step + 1, **stats, "seconds": seconds, "tokens_per_s": stats["tokens"] / seconds}
-        if model.device.type == "cuda":
-            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        log(row)
-        bar.set_postfix_str(f"loss {row['loss']:.4f} div {row['divergence']:.4f} clip {row['clipped_mass']:.3f} "
-                            f"acc {row['rollout_acc']:.0%} len {row['length']:.1f} tok/s {row['tokens_per_s']:.0f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            evaluate_and_log(step + 1)
-        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(out, step + 1, model, teacher, tokenizer, optimizer, cfg)
+    # Full fine-tuning in bf16: float32 master weights (build_models), bf16 matmuls.
+    bf16 = cfg.lora_rank == 0 and resolve_dtype(cfg.dtype) == torch.bfloat16
+    with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
+        if start == 0:
+            evaluate_and_log(0)
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=rank > 0)
+        for step in bar:
+            step_start = time.time()
+            # 1-2. The two prompts of each problem, and the student's rollouts. The problems and the noise depend
+            #      on (seed, step) alone, so a resumed run sees the same; with torchrun each rank takes its share.
+            step_seed = cfg.seed * 1_000_003 + step
+            batch = random.Random(step_seed).sample(train_set, cfg.batch_size)[rank::world]
+            generator = torch.Generator(model.device).manual_seed(step_seed * world + rank)
+            rollouts = collect_rollouts(model, tokenizer, batch, cfg, generator)
+            # 3-5. Re-score them with the teacher, the per-token divergence, backward, clip and step.
+            stats = train_step(model, teacher, optimizer, rollouts, cfg, learning_rate(cfg, step), fused)
+            # 6. Log one line; evaluate and checkpoint every so often.
+            seconds = time.time() - step_start
+            row = {"step": step + 1, **stats, "seconds": seconds, "tokens_per_s": stats["tokens"] / seconds}
+            if model.device.type == "cuda":
+                row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            log(row)
+            bar.set_postfix_str(f"loss {row['loss']:.4f} div {row['divergence']:.4f} clip {row['clipped_mass']:.3f} "
+                                f"acc {row['rollout_acc']:.0%} len {row['length']:.1f} tok/s {row['tokens_per_s']:.0f}")
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                evaluate_and_log(step + 1)
+            if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+                save_checkpoint(out, step + 1, model, teacher, tokenizer, optimizer, cfg)
     if world > 1:  # torchrun
         torch.distributed.destroy_process_group()
     return summarize_run(metrics_path, len(test_set), t0) if rank == 0 else []
@@ -738,4 +788,7 @@ def summarize_run(metrics_path: Path, problems: int, t0: float) -> list[dict]:
 
 
 if __name__ == "__main__":
-    train(parse_config())
+    try:
+        train(parse_config())
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input: one line that says what to do, no traceback
+        sys.exit(f"opsd.py: error: {e}")

@@ -69,7 +69,8 @@ def main():
         cfg = Config(model=tmp, dataset=str(data), out_dir=str(Path(tmp) / "run"), steps=args.steps,
                      batch_size=batch_size, micro_batch_size=min(args.micro_batch_size, batch_size),
                      max_new_tokens=rollout, temperature=1.1, top_p=0.95, top_k=20, beta=0.0, clip=0.05,
-                     lora_rank=64, lora_alpha=128, lr=5e-6, grad_clip=0.1, eval_every=args.steps,
+                     lora_rank=64, lora_alpha=128, lr=5e-6, lr_schedule="constant", grad_clip=0.1,
+                     eval_every=args.steps,
                      eval_size=4, save_every=args.steps, gradient_checkpointing=args.gradient_checkpointing)
         # The held-out evaluation (a random model scores nothing) is not what this measures: skipped.
         opsd.evaluate_both = lambda *args: {"student_acc": math.nan, "teacher_acc": math.nan}
@@ -80,7 +81,8 @@ def main():
     print(f"\n{card}, torch {torch.__version__}: random weights in {shape_name} ({params / 1e9:.2f}B parameters), "
           f"bf16 on a GPU, LoRA r64, {cfg.batch_size} rollouts x "
           f"{rollout} tokens per step, micro-batch {cfg.micro_batch_size}, gradient checkpointing "
-          f"{'on' if cfg.gradient_checkpointing else 'off'}, references of {args.reference_tokens} tokens")
+          f"{'on' if cfg.gradient_checkpointing else 'off'}, references of {args.reference_tokens} tokens, "
+          f"the divergence's {'fused' if steps[-1]['fused'] else 'plain'} path")
     print(f"step time {statistics.median(r['seconds'] for r in steps):.1f} s (median of {len(steps)}), "
           f"{statistics.median(r['tokens_per_s'] for r in steps):.0f} generated tokens/s, mean rollout "
           f"{statistics.mean(r['length'] for r in steps):.0f} tokens, peak memory "

@@ -1,9 +1,13 @@
 """The shipped tiny model and the command lines, run as a user runs them."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
 
 from data import builtin_examples
 from evaluate import evaluate
@@ -61,5 +65,26 @@ def test_divergence_benchmark_runs_and_prints_its_table():
 
 def test_real_shape_benchmark_runs_on_a_tiny_shape():
     out = run("benchmarks/real_shape.py", "--tiny", "--steps", "2", "--reference_tokens", "100")
-    assert "random weights in a tiny Qwen3 shape" in out and "LoRA r64" in out
+    assert "random weights in a tiny Qwen3 shape" in out and "LoRA r64" in out and "the divergence's fused path" in out
     assert "generated tokens/s" in out.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("opsd.py", ["--dataset", "no/such/file.jsonl"], "no data file 'no/such/file.jsonl': check the path"),
+    ("opsd.py", ["--model", "no/such/folder"], "no folder 'no/such/folder' (and it is no hub name)"),
+    ("opsd.py", ["--model", "nobody/no-such-model"], "cannot load 'nobody/no-such-model'"),
+    ("evaluate.py", ["--dataset", "nobody/no-such-data"], "cannot load the data set 'nobody/no-such-data'"),
+    ("evaluate.py", ["--model", "BARE"], "holds no tokenizer: save the model's there"),
+])
+def test_bad_input_is_one_line_that_says_what_to_do_and_writes_nothing(script, args, message, model_dir, tmp_path):
+    bare = tmp_path / "bare"  # a model folder without its tokenizer
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(bare)
+    work = tmp_path / "work"
+    work.mkdir()
+    defaults = ["--model", str(ROOT / "tiny" / "model")]
+    args = [str(bare) if a == "BARE" else a for a in args]
+    done = subprocess.run([sys.executable, str(ROOT / script), *defaults, *args], cwd=work, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"{script}: error: ") and message in done.stderr
+    assert not any(work.iterdir())  # no runs/ folder, no log, no checkpoint

@@ -7,8 +7,8 @@ import pytest
 from conftest import qwen3_tokenizer
 
 import data
-from data import (INSTRUCTION, Example, builtin_examples, char_tokenizer, encode, extract_answer, fit_prompts,
-                  load_examples, shorten_reference, student_prompt, teacher_prompt)
+from data import (INSTRUCTION, Example, builtin_examples, char_tokenizer, encode, evaluation_prompt, extract_answer,
+                  fit_prompts, load_examples, shorten_reference, student_prompt, teacher_prompt)
 
 
 def test_builtin_task_is_deterministic_with_disjoint_splits():
@@ -45,16 +45,21 @@ def test_prompts_without_a_chat_template():
 
 
 def test_prompts_through_a_qwen3_chat_template_with_each_thinking_setting():
+    """The official code's user messages, verbatim, written out here rather than taken from data.py."""
     tokenizer = qwen3_tokenizer()
     ex = Example("what is 2+3?", "2+3=5. \\boxed{5}", "5")
-    user = "<|im_start|>user\nProblem: what is 2+3?\n\n"
     instruction = "Please reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
     reference = ("Here is a reference solution to this problem:\n=== Reference Solution Begin ===\n2+3=5. \\boxed{5}\n"
-                 "=== Reference Solution End ===\nRead the reference solution until you understand it, then solve "
-                 "the problem yourself, in your own words, and reach the same final answer. Do not copy it.\n")
+                 "=== Reference Solution End ===\n\n\nAfter reading the reference solution above, make sure you truly "
+                 "understand the reasoning behind each step \u2014 do not copy or paraphrase it. Now, using your own "
+                 "words and independent reasoning, derive the same final answer to the problem above. Think step by "
+                 "step, explore different approaches, and don't be afraid to backtrack or reconsider if something "
+                 "doesn't work out:\n\n")
+    user, plain = "<|im_start|>user\nProblem: what is 2+3?\n\n", "<|im_start|>user\nwhat is 2+3?\n\n"
     for thinking, opening in ((False, "<|im_start|>assistant\n<think>\n\n</think>\n\n"), (True, "<|im_start|>assistant\n")):
         assert student_prompt(ex, tokenizer, thinking) == user + instruction + opening
         assert teacher_prompt(ex, tokenizer, thinking) == user + reference + instruction + opening
+        assert evaluation_prompt(ex, tokenizer, thinking) == plain + instruction + opening
     student = student_prompt(ex, tokenizer, False)
     assert encode(student, tokenizer) == tokenizer(student, add_special_tokens=False).input_ids
     assert tokenizer.convert_ids_to_tokens(encode(student, tokenizer))[-6:] == ["<think>", "\n", "\n", "</think>", "\n", "\n"]

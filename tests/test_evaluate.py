@@ -8,7 +8,8 @@ import math
 import pytest
 
 import evaluate
-from evaluate import grade, is_equivalent, pass_at_k, summarize
+from data import extract_answer
+from evaluate import grade, is_equivalent, pass_at_k, summarize, to_number
 
 
 PAIRS = [  # (prediction, gold, equal)
@@ -20,7 +21,11 @@ PAIRS = [  # (prediction, gold, equal)
     ("-\\frac{1}{2}", "-0.5", True), ("\\frac{1}{2}", "\\frac{1}{3}", False),
     ("50\\%", "50", True), ("12.5%", "12.5", True),  # percentages
     ("x = 5", "5", True), ("k=-2", "-2", True), ("x = 5", "6", False),  # a leading 'x ='
-    ("5\\text{ cm}", "5", True), ("\\text{5 apples}", "5", True), ("10\\mathrm{~m}", "10", True),  # units
+    ("5\\text{ cm}", "5", True), ("5\\text{ apples}", "5", True), ("10\\mathrm{~m}", "10", True),  # units
+    ("5 cm", "5", True), ("12 square feet", "12", True), ("5 or more", "5", False),
+    ("\\$18.90", "18.90", True), ("\\$18.90", "18.9", True), ("10_2", "102", False),  # a dollar sign, not 10_2
+    ("1{,}000", "1000", True), ("1\\frac12", "1.5", True), ("-2\\frac{1}{4}", "-2.25", True),  # 1{,}000, mixed
+    ("1\\frac{1}{2}", "\\frac{3}{2}", True), ("1\\frac{1}{2}", "\\frac{1}{2}", False),
     ("30^\\circ", "30", True), ("45^{\\circ}", "45", True), ("90°", "90", True), ("\\text{(B)}", "B", True),
     ("\\left( 1, \\frac{1}{2} \\right)", "(1,0.5)", True), ("(1, 2)", "(2, 1)", False),  # tuples
     ("(1,2,3)", "(1,2)", False), ("[0, 1)", "[0,1)", True), ("[0,1)", "(0,1)", False),  # intervals
@@ -48,6 +53,18 @@ def test_answer_pairs_are_graded_as_mathematics(grader):
     assert len(PAIRS) >= 40
     wrong = [(pred, gold, same) for pred, gold, same in PAIRS if grader(pred, gold) is not same]
     assert not wrong
+
+
+def test_the_fast_path_reads_plain_numbers_only():
+    assert to_number("1e3") == 1000.0 and to_number("-.5") == -0.5
+    assert to_number("10_2") is None and to_number("inf") is None and to_number("nan") is None
+    assert to_number("-inf") is None and to_number("1_000") is None
+
+
+def test_strict_extraction_reads_the_last_boxed_only():
+    assert extract_answer("\\fbox{3}", strict=True) is None and extract_answer("\\fbox{3}") == "3"
+    assert extract_answer("#### 24", strict=True) is None and extract_answer("so the answer is 5", strict=True) is None
+    assert extract_answer("\\boxed{1} or \\boxed{2}", strict=True) == "2"
 
 
 def test_math_verify_is_asked_only_when_the_rules_cannot_decide(monkeypatch):
@@ -98,3 +115,17 @@ def test_evaluate_writes_a_row_per_problem_and_refuses_missing_references(model_
     assert scores["problems"] == 2 and scores["samples"] == 3 and scores["truncated"] > 0.5  # a random model
     with pytest.raises(ValueError, match="with_reference needs reference solutions"):
         evaluate.evaluate(model, tokenizer, examples, with_reference=True)
+
+
+def test_the_papers_benchmarks_are_graded_with_its_prompt_and_its_last_box_only(model_dir, monkeypatch, tmp_path):
+    from data import Example, encode
+    from sampling import load_model
+    model, tokenizer = load_model(str(model_dir))
+    examples = [Example("1+1?", "", "2")]
+    completion = encode("so #### 2", tokenizer)
+    monkeypatch.setattr(evaluate, "sample", lambda model, prompts, *args: [completion] * len(prompts))
+    assert evaluate.evaluate(model, tokenizer, examples)["avg@1"] == 1  # '####' is read as the answer
+    out = tmp_path / "rows.jsonl"
+    assert evaluate.evaluate(model, tokenizer, examples, paper=True, out_path=out)["avg@1"] == 0  # not a \boxed{}
+    assert json.loads(out.read_text())["prompt"] == "1+1?\n\nPlease reason step by step, and put your final answer " \
+                                                    "within \\boxed{}."

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 import opsd
 from lora import LoRALinear, adapters_off, add_lora, lora_layers
-from opsd import parse_config, train
+from opsd import parse_config, save_checkpoint, train
+from sampling import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -65,7 +66,7 @@ def test_an_ema_teacher_with_lora_is_refused(capsys):
 
 def test_trained_adapters_merge_reload_and_switch_off_to_the_base(qwen3_dir, tmp_path):
     run = tmp_path / "run"
-    train(small_config(qwen3_dir, run, lora_rank=4, lora_alpha=8, lr=1e-2, max_new_tokens=8, steps=3))
+    train(small_config(qwen3_dir, run, lora_rank=4, lora_alpha=8, lr=1e-2, max_new_tokens=8, steps=3, save_merged=True))
     checkpoint = run / "step_3"
     base = AutoModelForCausalLM.from_pretrained(qwen3_dir)
     model = AutoModelForCausalLM.from_pretrained(qwen3_dir)
@@ -79,10 +80,12 @@ def test_trained_adapters_merge_reload_and_switch_off_to_the_base(qwen3_dir, tmp
     merged = AutoModelForCausalLM.from_pretrained(checkpoint)  # a plain model: no opsd needed to load it
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
     torch.testing.assert_close(logits(merged), trained, atol=1e-5, rtol=1e-5)
+    loaded, _ = load_model(str(checkpoint))  # as evaluate.py loads it: the base plus the adapters
+    assert torch.equal(logits(loaded), trained)
 
 
 def test_lora_training_resumes_exactly_and_fused_equals_plain(qwen3_dir, tmp_path, monkeypatch):
-    lora = dict(lora_rank=4, lora_alpha=8, max_new_tokens=8, save_merged=False)
+    lora = dict(lora_rank=4, lora_alpha=8, max_new_tokens=8, lr_schedule="constant")  # --steps may change
     train(small_config(qwen3_dir, tmp_path / "straight", steps=2, **lora))
     train(small_config(qwen3_dir, tmp_path / "resumed", steps=1, **lora))
     train(small_config(qwen3_dir, tmp_path / "resumed", steps=2, resume=True, **lora))
@@ -124,4 +127,36 @@ def test_cli_trains_the_qwen3_stand_in_with_lora_and_gradient_checkpointing(qwen
     assert "held-out problems (teacher with reference" in done.stdout.strip().splitlines()[-1]
     assert "were skipped to fit their prompts in 115 tokens" in done.stdout  # teacher prompts: 106-124
     checkpoint = tmp_path / "run" / "step_2"
-    assert (checkpoint / "adapters.pt").exists() and (checkpoint / "model.safetensors").exists()
+    assert (checkpoint / "adapters.pt").exists() and not (checkpoint / "model.safetensors").exists()
+    assert "the divergence takes the fused path" in done.stdout
+    assert load_model(str(checkpoint))[0].config.model_type == "qwen3"
+
+
+def test_a_bf16_lora_checkpoint_loads_as_the_model_that_trained(qwen3_dir, tmp_path, monkeypatch):
+    """bf16 base, lr 5e-6: the update is far below one bf16 step of the weights. The checkpoint, loaded as
+    evaluate.py loads it, gives the in-memory adapter model's logits to within 1% of the update's own effect;
+    merging the adapters into bf16 weights (what opsd did before) loses most of it."""
+    in_memory = {}
+
+    def save_and_remember(out, step, model, *args):
+        in_memory["logits"] = logits(model).float()
+        with adapters_off(model):
+            in_memory["base"] = logits(model).float()
+        in_memory["merged"] = {n: m.merged_weight() for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+        save_checkpoint(out, step, model, *args)
+
+    monkeypatch.setattr(opsd, "save_checkpoint", save_and_remember)
+    train(small_config(qwen3_dir, tmp_path / "run", lora_rank=4, lora_alpha=8, lr=5e-6, steps=3, dtype="bfloat16",
+                       save_merged=True, max_new_tokens=8))
+    effect = (in_memory["logits"] - in_memory["base"]).abs().mean()  # the update's own effect on the logits
+    loaded, _ = load_model(str(tmp_path / "run" / "step_3"), dtype="bfloat16")
+    assert effect > 0 and (logits(loaded).float() - in_memory["logits"]).abs().mean() <= 0.01 * effect
+    bf16_merge = load_model(str(qwen3_dir), dtype="bfloat16")[0]
+    for name, m in bf16_merge.named_modules():
+        if name in in_memory["merged"]:
+            m.weight.data = in_memory["merged"][name].to(torch.bfloat16)
+    assert (logits(bf16_merge).float() - in_memory["logits"]).abs().mean() > 0.5 * effect  # the test can fail
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "step_3")  # the float32 export
+    assert merged.dtype == torch.float32
+    for name, weight in in_memory["merged"].items():
+        assert torch.equal(merged.get_submodule(name).weight, weight), name

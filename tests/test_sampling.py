@@ -3,7 +3,7 @@
 import torch
 
 from opsd import completion_logits
-from sampling import next_token, sample
+from sampling import next_token, sample, stop_ids
 
 PROMPTS = [[5, 9, 17, 40], [33, 2, 60, 61, 62, 70, 80, 12, 13], [44], [90, 91, 92, 93, 94, 95]]
 
@@ -24,6 +24,18 @@ def test_greedy_sample_equals_generate_on_each_prompt_alone(model):
     assert got == expected
     assert len(got[1]) <= 3 and got[1][-1] == eos
     assert any(len(row) == 12 for row in got)
+
+
+def test_a_row_stops_at_any_of_several_eos_ids(model, tokenizer):
+    """Qwen3 ends a turn with either of two ids; a row that emits the second must stop there too."""
+    free = sample(model, PROMPTS, 12, temperature=0)  # random weights: each row repeats one token
+    first, second = free[0][0], free[1][0]
+    assert first != second and not {first, second} & {*free[2], *free[3]}
+    got = sample(model, PROMPTS, 12, temperature=0, eos_token_id=[first, second], pad_token_id=0)
+    assert got == [generate_alone(model, p, 12, [first, second]) for p in PROMPTS]
+    assert got[:2] == [[first], [second]] and len(got[2]) == len(got[3]) == 12
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, second]
+    assert stop_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, second})
 
 
 def test_sampling_is_reproducible_with_a_generator(model):

@@ -10,7 +10,9 @@ from conftest import make_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import opsd
-from opsd import Config, Rollouts, opsd_loss, parse_config, save_checkpoint, train, train_step
+from opsd import (Config, Rollouts, disable_dropout, learning_rate, logits_are_linear, opsd_loss, parse_config,
+                  save_checkpoint, train, train_step)
+from sampling import load_model
 
 
 def small_config(model_dir, out_dir, **changes) -> Config:
@@ -63,7 +65,7 @@ def test_training_writes_checkpoints_and_resumes_exactly(model_dir, tmp_path, mo
     evals = train(small_config(model_dir, straight, steps=3))
     assert [e["step"] for e in evals] == [0, 2, 3]
     assert (straight / "latest").read_text() == "step_3"
-    assert sorted(p.name for p in straight.iterdir()) == ["latest", "metrics.jsonl", "step_3"]
+    assert sorted(p.name for p in straight.iterdir()) == ["latest", "metrics.jsonl", "step_1", "step_2", "step_3"]
     saved = json.loads((straight / "step_3" / "opsd_config.json").read_text())
     assert saved["steps"] == 3 and saved["model"] == str(model_dir)
 
@@ -83,12 +85,14 @@ def test_training_writes_checkpoints_and_resumes_exactly(model_dir, tmp_path, mo
         train(small_config(model_dir, interrupted, steps=3))
     with pytest.raises(ValueError, match=r"other settings: --lr \(0.001 there, 0.002 here\)"):
         train(small_config(model_dir, interrupted, steps=3, resume=True, lr=2e-3))
+    with pytest.raises(ValueError, match=r"--steps \(3 there, 4 here\).*a linear decay ends at the run's own"):
+        train(small_config(model_dir, interrupted, steps=4, resume=True))
     train(small_config(model_dir, interrupted, steps=3, resume=True))
     assert_same_weights(weights(interrupted / "step_3"), weights(straight / "step_3"))
     rows = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert all(r.keys() >= {"loss", "divergence", "clipped_mass", "rollout_acc", "length", "tokens_per_s"}
-               for r in rows if "loss" in r)
+               and r["fused"] is True for r in rows if "loss" in r)
     assert not any(weights(interrupted / "step_3")[k].equal(v) for k, v in weights(model_dir).items())
 
 
@@ -161,3 +165,66 @@ def test_one_train_step_is_opsd_loss_backward_and_an_optimizer_step(tokenizer):
         torch.testing.assert_close(p.detach(), start - 0.5 * grad, rtol=1e-8, atol=1e-12)
     assert stats["loss"] == pytest.approx(loss.item(), rel=1e-10)
     assert (stats["length"], stats["tokens"], stats["rollout_acc"]) == (4, 12, pytest.approx(1 / 3))
+
+
+def test_every_checkpoint_is_kept_and_loads_unless_keep_last_says_otherwise(model_dir, tmp_path):
+    train(small_config(model_dir, tmp_path / "all", steps=2))
+    for step in (1, 2):
+        model, _ = load_model(str(tmp_path / "all" / f"step_{step}"))
+        assert not any(torch.equal(p, q) for p, q in zip(model.state_dict().values(), weights(model_dir).values()))
+    train(small_config(model_dir, tmp_path / "last", steps=3, keep_last=1))
+    assert sorted(p.name for p in (tmp_path / "last").glob("step_*")) == ["step_3"]
+
+
+def test_the_learning_rate_is_constant_or_decays_linearly():
+    assert [learning_rate(Config(lr=1.0, steps=4), s) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert [learning_rate(Config(lr=1.0, steps=4, lr_schedule="constant"), s) for s in range(4)] == [1.0] * 4
+
+
+def test_dropout_is_off_for_good_in_train_mode(tokenizer):
+    gpt2 = make_model("gpt2", tokenizer)  # dropout 0.1 in embeddings, attention and residuals
+    gpt2.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    assert not torch.equal(gpt2(ids).logits, gpt2(ids).logits)
+    disable_dropout(gpt2)
+    assert torch.equal(gpt2(ids).logits, gpt2.eval()(ids).logits)
+
+
+def test_the_linear_head_check_holds_in_bf16(tokenizer):
+    from conftest import qwen3_tokenizer
+    model = make_model("qwen3", qwen3_tokenizer()).to(torch.bfloat16)
+    assert logits_are_linear(model)
+    model.lm_head.forward = lambda h: torch.nn.functional.linear(h, model.lm_head.weight) * 0.9  # a logit scale
+    assert not logits_are_linear(model)
+
+
+def bf16_step(model_dir, out_dir, dtype, **changes):
+    train(small_config(model_dir, out_dir, steps=1, lr=5e-6, dtype=dtype, **changes))
+    return weights(out_dir / "step_1")
+
+
+def test_full_fine_tuning_in_bf16_keeps_float32_master_weights(model_dir, tmp_path):
+    """At lr 5e-6 most AdamW steps are below half a bf16 spacing: bf16 weights would keep under a fifth of
+    them. The float32 master weights take every step, and the step of a float32 run to within the noise of
+    bf16 matmuls (the same sign in over 99% of entries)."""
+    start = weights(model_dir)
+    mixed = bf16_step(model_dir, tmp_path / "bf16", "bfloat16")
+    exact = bf16_step(model_dir, tmp_path / "f32", "float32")
+    for name in start:
+        moved, update = mixed[name] - start[name], exact[name] - start[name]
+        assert mixed[name].dtype == torch.float32 and (moved != 0).float().mean() > 0.99, name
+        assert (moved.sign() == update.sign()).float().mean() > 0.99, name
+        assert (moved - update).norm() < 0.2 * update.norm(), name
+        kept_in_bf16 = start[name].bfloat16() != (start[name] + update).bfloat16()
+        assert kept_in_bf16.float().mean() < 0.2, name
+
+
+def test_an_ema_teacher_in_bf16_moves_where_a_bf16_lerp_would_not(model_dir, tmp_path):
+    start = weights(model_dir)
+    student = bf16_step(model_dir, tmp_path, "bfloat16", teacher_decay=0.9)
+    teacher = weights(tmp_path / "step_1" / "teacher")
+    for name in start:
+        torch.testing.assert_close(teacher[name], 0.9 * start[name] + 0.1 * student[name], atol=1e-9, rtol=1e-6)
+        assert (teacher[name] != start[name]).float().mean() > 0.95, name
+        bf16_lerp = start[name].bfloat16().lerp(student[name].bfloat16(), 0.1)
+        assert (bf16_lerp != start[name].bfloat16()).float().mean() < 0.1, name
