@@ -2,8 +2,8 @@
 
 Owns: the `Example` record, the built-in offline task (two-step arithmetic word problems with a worked
 solution ending in \\boxed{answer}), loading examples from hub data sets (with column presets) and local
-files, reading the final answer out of a solution (`extract_answer`), the paper's student and teacher
-prompts, fitting them into a token budget, and the character tokenizer of the tiny model.
+files, reading the final answer out of a solution (`extract_answer`), the official student, teacher and
+evaluation prompts, fitting them into a token budget, and the character tokenizer of the tiny model.
 Leaves out: tokenising whole data sets ahead of time (prompts are encoded per batch), streaming.
 
     python data.py      # prints a few built-in problems with both prompts
@@ -143,8 +143,9 @@ def extract_answer(text: str, strict: bool = False) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The two contexts, after the paper's official code (github.com/siyan-zhao/OPSD). The student sees the problem;
-# the teacher sees the problem and a reference solution, with a request to derive the answer itself.
+# The two contexts, verbatim from the paper's official code (github.com/siyan-zhao/OPSD; \u2014 is an em dash).
+# The student sees the problem; the teacher sees the problem and a reference solution, with a request to
+# derive the answer itself rather than copy it.
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{{}}."  # a format string
 STUDENT = "Problem: {question}\n\n" + INSTRUCTION

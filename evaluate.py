@@ -1,8 +1,9 @@
 """evaluate.py: how well does the model answer, from the question alone or with the reference in its context?
 
-Owns: grading answers (read by data.extract_answer: the last \\boxed{...}, with fallbacks) as mathematics
-rather than as strings, the evaluation loop (avg@k, the paper's headline; pass@k; maj@k; completion lengths and
-truncation; one JSONL row per problem) and its command line, with the paper's benchmarks as presets.
+Owns: grading answers as mathematics rather than as strings (data.extract_answer reads them: the last
+\\boxed{...}, with fallbacks, or strictly as the paper does), the evaluation loop (avg@k, the paper's
+headline; pass@k; maj@k; completion lengths and truncation; one JSONL row per problem) and its command
+line, with the paper's benchmarks as presets.
 Leaves out: general symbolic algebra (expressions in variables, equations, matrices: math_verify covers
 some of it where it is installed) and a fast inference engine (the sampler is sampling.sample).
 
@@ -56,7 +57,7 @@ def normalize(answer: str) -> str:
     while (unwrapped := re.sub(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{([^{}]*)\}", r" \1 ", s)) != s:
         s = unwrapped
     s = re.sub(rf"^([-+]?[\d.,/]*\d)\s*(?:(?:{UNITS})\.?\s*)+$", r"\1", s.strip(), flags=re.I)  # '5 cm' -> '5'
-    s = re.sub(r"^(-?)(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}$", r"\1(\2+\\frac{\3}{\4})", s)  # a mixed number
+    s = re.sub(r"(?<![\w.}])(-?)(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}", r"\1(\2+\\frac{\3}{\4})", s)  # mixed numbers
     if s.count("=") == 1:
         s = re.sub(r"^[a-zA-Z]\w*\s*=", "", s)  # 'x = 5' -> '5'
     s = re.sub(r"\s+", "", s).rstrip(".").removeprefix("+")
@@ -75,7 +76,7 @@ def to_number(answer: str) -> float | None:
     if "_" in answer:  # Python reads 10_2 as 102
         return None
     if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", answer, re.IGNORECASE):  # not inf, not nan
-        return float(answer)
+        return float(answer) if math.isfinite(float(answer)) else None  # 1e400 overflows
     expr = answer
     while True:  # innermost braces first, so that fractions and roots can nest
         new = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", expr)
@@ -251,18 +252,18 @@ def main():
     parser.add_argument("--out", default=None, help="JSONL of every completion (default: runs/eval/DATASET.jsonl)")
     args = parser.parse_args()
 
-    try:  # bad input: one line that says what to do, no traceback, nothing written
-        model, tokenizer = load_model(args.model, args.dtype, args.trust_remote_code)
-        examples = load_examples(args.dataset, args.split, args.n, question_column=args.question_column,
-                                 solution_column=args.solution_column, answer_column=args.answer_column)
-    except ValueError as e:
-        sys.exit(f"evaluate.py: error: {e}")
     paper = args.dataset in BENCHMARKS or args.dataset in (PRESETS[b][0] for b in BENCHMARKS)
     out = args.out or f"runs/eval/{Path(args.dataset).stem}.jsonl"
-    scores = evaluate(model, tokenizer, examples, with_reference=args.with_reference, thinking=args.thinking,
-                      samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, out_path=out,
-                      progress=True, paper=paper)
+    try:  # bad input: one line that says what to do, no traceback, nothing written
+        examples = load_examples(args.dataset, args.split, args.n, question_column=args.question_column,
+                                 solution_column=args.solution_column, answer_column=args.answer_column)
+        model, tokenizer = load_model(args.model, args.dtype, args.trust_remote_code)
+        scores = evaluate(model, tokenizer, examples, with_reference=args.with_reference, thinking=args.thinking,
+                          samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                          out_path=out, progress=True, paper=paper)
+    except ValueError as e:
+        sys.exit(f"evaluate.py: error: {e}")
     context = "with the reference" if args.with_reference else "the paper's prompt" if paper else "question alone"
     decoding = "greedy" if args.temperature == 0 else f"T {args.temperature}, top-p {args.top_p}, top-k {args.top_k}"
     print(f"{args.model} on {args.dataset}: {len(examples)} problems, {context}, {args.samples} completion(s) each "

@@ -1,4 +1,4 @@
-"""lora.py: LoRA (Hu et al., 2021) written out, about 60 lines, no peft.
+"""lora.py: LoRA (Hu et al., 2021) written out, no peft.
 
 A frozen linear layer W gets a trainable low-rank update,
     y = W x + (alpha / r) B A x,    A (r, in) random, B (out, r) zero,
@@ -69,28 +69,32 @@ def adapter_state(model) -> dict:
     return {name: value for name, value in model.state_dict().items() if ".lora_" in name}
 
 
-def save_adapters(model, folder: Path, base_model: str):
-    """adapters.pt, and adapter_config.json with what load_adapters needs: the base model, rank, alpha, targets."""
-    layers = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-    rank = next(iter(layers.values())).lora_A.size(0)
-    settings = {"base_model": base_model, "rank": rank, "alpha": next(iter(layers.values())).scale * rank,
-                "targets": sorted(layers)}
+SETTINGS = "opsd_lora.json"  # beside adapters.pt; not PEFT's adapter_config.json, which from_pretrained would read
+
+
+def save_adapters(model, folder: Path, base_model: str, rank: int, alpha: float, targets: list[str]):
+    """adapters.pt, and beside it what load_adapters needs: the base model, rank, alpha and targets."""
     torch.save(adapter_state(model), folder / "adapters.pt")
-    (folder / "adapter_config.json").write_text(json.dumps(settings, indent=1))
+    settings = {"base_model": base_model, "rank": rank, "alpha": alpha, "targets": targets}
+    (folder / SETTINGS).write_text(json.dumps(settings, indent=1))
 
 
 def load_adapters(model, folder: Path):
     """Wraps the base model's layers as save_adapters recorded, and loads the trained adapters onto them."""
-    settings = json.loads((folder / "adapter_config.json").read_text())
+    settings = json.loads((folder / SETTINGS).read_text())
     add_lora(model, settings["rank"], settings["alpha"], settings["targets"])
-    model.load_state_dict(torch.load(folder / "adapters.pt", weights_only=True, map_location=model.device),
-                          strict=False)
+    state = torch.load(folder / "adapters.pt", weights_only=True, map_location=model.device)
+    result = model.load_state_dict(state, strict=False)  # strict=False: the base weights are not in it
+    if result.unexpected_keys or any(".lora_" in key for key in result.missing_keys):
+        raise ValueError(f"the adapters in {folder} do not fit this model: {result.unexpected_keys[:3]} "
+                         f"{[k for k in result.missing_keys if '.lora_' in k][:3]}")
 
 
 def merged_state_dict(model) -> dict:
     """The weights with every adapter folded in (W + alpha / r B A), named as in the base model, all in
     float32, so that save_pretrained writes a model that from_pretrained loads without opsd."""
-    state = {k.replace(".base.", "."): v.float() for k, v in model.state_dict().items() if ".lora_" not in k}
+    state = {k.replace(".base.", "."): v.float() if v.is_floating_point() else v
+             for k, v in model.state_dict().items() if ".lora_" not in k}
     state.update({f"{name}.weight": m.merged_weight() for name, m in model.named_modules()
                   if isinstance(m, LoRALinear)})
     return state

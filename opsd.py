@@ -11,7 +11,7 @@ Owns the method, in the algorithm's order: 1. rollouts, 2. the two-context forwa
 divergences, 4. the loss of one batch (`opsd_loss`, the SFT and GRPO baselines beside it), 5. one optimizer
 step (`train_step`), 6. the fused path (the same divergence without (N, V) logits); then the engineering:
 the settings (`Config`: `cfg` everywhere above, each field a flag), evaluation during training, torchrun,
-checkpoints and the loop (`train`). It builds on sampling.py (`load_model`, `sample`, `pad_left`), lora.py
+checkpoints and the loop (`train`). It builds on sampling.py (`load_model`, `sample`, `stop_ids`, ...), lora.py
 (adapters), evaluate.py (grading) and data.py (the task and the two prompts); none of them imports it.
 Several GPUs: `torchrun --nproc_per_node=N opsd.py` splits each step's problems over N processes
 (`start_processes`, `all_sum` and the lines marked "torchrun:"). Leaves out: FSDP, vLLM, peft, a Trainer.
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from data import Example, encode, extract_answer, fit_prompts, load_examples, student_prompt, teacher_prompt
 from evaluate import evaluate, is_equivalent
-from lora import adapters_off, add_lora, lora_layers, merged_state_dict, save_adapters
+from lora import adapters_off, add_lora, load_adapters, lora_layers, merged_state_dict, save_adapters
 from sampling import load_model, pad_left, resolve_dtype, sample, stop_ids
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,7 +202,8 @@ def opsd_loss(model, teacher, student_prompts, teacher_prompts, completions, bet
     with torch.no_grad(), adapters_off(teacher, base_teacher):
         teacher_out, _ = forward(teacher, teacher_prompts, completions)
     # The student scores the same tokens after its own prompt, with gradients. (Train mode only switches on
-    # gradient checkpointing: dropout is off for good, so the two differ by their contexts alone.)
+    # gradient checkpointing: train() turns dropout off for good, disable_dropout, so that the two differ by
+    # their contexts alone.)
     model.train()
     student_out, mask = forward(model, student_prompts, completions)
     completion_ids = pad_right(completions, model.device) if sampled_token else None  # (B, L)
@@ -289,7 +290,7 @@ def train_step(model, teacher, optimizer, rollouts: Rollouts, cfg: "Config", lr:
         update_ema(teacher, model, cfg.teacher_decay)
     generated = 0 if cfg.method == "sft" else n_tokens
     return {**totals, "length": n_tokens / n_rollouts, "tokens": n_tokens, "generated": generated,
-            "grad_norm": grad_norm, "fused": fused and cfg.method == "opsd"}
+            "grad_norm": grad_norm, "fused": fused}
 
 
 @torch.no_grad()
@@ -380,7 +381,7 @@ class FusedDivergence(torch.autograd.Function):
             dz = g.sub_(student_logp.exp_().mul_(g.sum(-1, keepdim=True))).div_(temperature)  # (C, V): dL/dz
             grad_hidden[rows] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)  # (autocast may compute it in bf16)
             if train_head:
-                grad_weight.addmm_(dz.T, h.to(dtype))  # accumulated over the chunks in float32 (or float64)
+                grad_weight.addmm_(dz.T, h.to(dtype))  # summed in float32 (bf16 products under autocast)
         ctx.grads = grad_hidden, grad_weight.to(weight.dtype) if train_head else None
         return sums[0], sums[1], sums[2]
 
@@ -418,17 +419,18 @@ def lm_head(model) -> torch.nn.Module:
 
 @torch.no_grad()
 def logits_are_linear(model) -> bool:
-    """Whether the model's logits are hidden @ W.T, as fused_divergence assumes (no bias, no soft-capping, no
-    logit scale): checked on a few tokens rather than trusted from the config, in float32, to a tolerance that
-    fits the weights' dtype (a bf16 matmul keeps about 3 digits, and another kernel may round differently)."""
+    """Whether the model's logits are hidden @ W.T for its LM head's W, as fused_divergence assumes: no bias,
+    no soft-capping, no logit scale. The config is asked about the known ones; the numbers are checked too,
+    on a few tokens, in the model's own dtype (the same matmul as its head's) to the dtype's precision."""
     head = lm_head(model)
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+    rescaled = any(getattr(model.config, name, None) not in (None, 1.0)
+                   for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    if rescaled or not isinstance(head, torch.nn.Linear) or head.bias is not None:
         return False
     ids = torch.arange(min(16, model.config.vocab_size), device=model.device)[None]  # (1, 16)
-    linear = model.base_model(input_ids=ids).last_hidden_state.float() @ head.weight.float().T  # (1, 16, V)
+    linear = F.linear(model.base_model(input_ids=ids).last_hidden_state, head.weight).float()  # (1, 16, V)
     logits = model(input_ids=ids).logits.float()  # (1, 16, V)
-    tolerance = 1e-4 if head.weight.dtype == torch.float32 else 4 * torch.finfo(head.weight.dtype).eps
-    return bool((logits - linear).abs().max() <= tolerance * (1 + logits.abs().max()))
+    return bool((logits - linear).abs().max() <= torch.finfo(head.weight.dtype).eps * (1 + logits.abs().max()))
 
 
 # =========================================================================================================
@@ -595,7 +597,7 @@ def find_checkpoint(out: Path, cfg: Config) -> Path | None:
         return None
     checkpoint = out / (out / "latest").read_text()
     saved = json.loads((checkpoint / "opsd_config.json").read_text())
-    may_change = {"resume", "keep_last"} | ({"steps"} if cfg.lr_schedule == "constant" else set())
+    may_change = {"resume", "keep_last", "save_merged"} | ({"steps"} if cfg.lr_schedule == "constant" else set())
     changed = [f"--{k} ({saved[k]} there, {v} here)" for k, v in asdict(cfg).items()
                if k not in may_change and v != saved.get(k, v)]
     if changed:
@@ -606,14 +608,16 @@ def find_checkpoint(out: Path, cfg: Config) -> Path | None:
 
 
 def save_checkpoint(out: Path, step: int, model, teacher, tokenizer, optimizer, cfg: Config):
-    """step_N: what load_model loads and what --resume needs. Written to a temporary folder, then renamed, so
-    that a crash never leaves half of one; `latest` names the newest; cfg.keep_last may delete older ones."""
+    """step_N: what load_model loads and, in the newest, what --resume needs. Written to a temporary folder,
+    then renamed, so that a crash never leaves half of one; `latest` names it. The older checkpoints keep
+    their weights (all of them, or the newest cfg.keep_last) but lose the optimizer state and EMA teacher."""
     final, tmp = out / f"step_{step}", out / f"step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     lora = bool(lora_layers(model))
     if lora:  # the float32 adapters and the name of their base model: exactly the model that trained
-        save_adapters(model, tmp, str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model)
+        base = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+        save_adapters(model, tmp, base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
     if cfg.save_merged or not lora:
         model.save_pretrained(tmp, state_dict=merged_state_dict(model) if lora else None)
     if cfg.save_merged and lora:  # float32 in config.json too, or from_pretrained would round them to bf16
@@ -622,15 +626,21 @@ def save_checkpoint(out: Path, step: int, model, teacher, tokenizer, optimizer, 
     tokenizer.save_pretrained(tmp)
     if 0 < cfg.teacher_decay < 1:  # an EMA teacher has weights of its own; the others are rebuilt
         teacher.save_pretrained(tmp / "teacher")
+        tokenizer.save_pretrained(tmp / "teacher")
     torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "state.pt")
     (tmp / "opsd_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     (out / "latest.tmp").write_text(final.name)
     os.replace(out / "latest.tmp", out / "latest")  # atomic: 'latest' names a complete checkpoint
-    done = sorted((p for p in out.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
-    for old in done[:-cfg.keep_last] if cfg.keep_last else []:
-        shutil.rmtree(old)
+    older = sorted((p for p in out.glob("step_*") if p.name[5:].isdigit() and int(p.name[5:]) < step),
+                   key=lambda p: int(p.name[5:]))
+    for i, old in enumerate(older):
+        if cfg.keep_last and i < len(older) - (cfg.keep_last - 1):
+            shutil.rmtree(old)
+        else:  # only the newest is resumed from: the older ones keep their weights alone
+            (old / "state.pt").unlink(missing_ok=True)
+            shutil.rmtree(old / "teacher", ignore_errors=True)
 
 
 def build_models(cfg: Config, checkpoint: Path | None):
@@ -638,33 +648,36 @@ def build_models(cfg: Config, checkpoint: Path | None):
     start from. The teacher is never trained: the initial weights (teacher_decay 1), the live ones (0) or an
     EMA. With LoRA or the live weights it is the student's own network (adapters off for the fixed one).
     Precision: what accumulates small updates is float32. With LoRA the frozen base keeps the compute dtype
-    (cfg.dtype) and the float32 adapters train; full fine-tuning keeps the student's weights in float32 (the
+    (cfg.dtype) and the float32 adapters train. Full fine-tuning keeps the student's weights in float32 (the
     master weights: AdamW's steps at lr 5e-6 are mostly below half a bf16 spacing) and computes in bf16 under
-    autocast (train); an EMA teacher is float32 too."""
+    autocast (train); its separate teacher, fixed or EMA, is float32 too, so that at step 0 the two differ by
+    their contexts alone."""
     torch.manual_seed(cfg.seed)  # the same on every rank: the same LoRA initialisation
     lora = cfg.lora_rank > 0
     model, tokenizer = load_model(str(checkpoint if checkpoint and not lora else cfg.model),
                                   cfg.dtype if lora else "float32", cfg.trust_remote_code)
+    if lora_layers(model) and not checkpoint:
+        raise ValueError(f"{cfg.model} is a LoRA checkpoint of opsd: train from its base model, or continue its "
+                         "run with --resume and that run's --out_dir")
     disable_dropout(model)
-    if lora:  # only the adapters train; a resumed run loads them onto the base weights
+    if lora and checkpoint:  # a resumed run: the adapters it saved, on the base weights
+        load_adapters(model, checkpoint)
+    elif lora:  # only the adapters train
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
-        if checkpoint:
-            model.load_state_dict(torch.load(checkpoint / "adapters.pt", weights_only=True, map_location=model.device),
-                                  strict=False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora or cfg.teacher_decay == 0 or cfg.method != "opsd":  # the baselines only evaluate it
         teacher = model
     else:
         from_base = cfg.teacher_decay == 1 or checkpoint is None
-        teacher = load_model(cfg.model if from_base else str(checkpoint / "teacher"),
-                             cfg.dtype if cfg.teacher_decay == 1 else "float32", cfg.trust_remote_code)[0]
+        teacher = load_model(cfg.model if from_base else str(checkpoint / "teacher"), "float32",
+                             cfg.trust_remote_code)[0]
         teacher.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     start = 0
     if checkpoint:
-        state = torch.load(checkpoint / "state.pt", weights_only=True)
+        state = torch.load(checkpoint / "state.pt", weights_only=True, map_location=model.device)
         start = state["step"]
         optimizer.load_state_dict(state["optimizer"])
         print(f"resuming from {checkpoint} at step {start}")
@@ -724,9 +737,10 @@ def train(cfg: Config) -> list[dict]:
     print(json.dumps(asdict(cfg), indent=1))
     model, teacher, tokenizer, optimizer, start = build_models(cfg, checkpoint)
     train_set, test_set = fit_to_context(cfg, model, tokenizer, train_set, test_set)
-    fused = cfg.fused and logits_are_linear(model)
-    print(f"the divergence takes the {'fused' if fused else 'plain'} path" + (
-        ": this model's logits are not hidden @ W.T (a bias, soft-capping...)" if cfg.fused and not fused else ""))
+    fused = cfg.method == "opsd" and cfg.fused and logits_are_linear(model)
+    if cfg.method == "opsd":
+        print(f"the divergence takes the {'fused' if fused else 'plain'} path" + (
+            ": this model's logits are not hidden @ W.T (a bias, soft-capping...)" if cfg.fused and not fused else ""))
     out.mkdir(parents=True, exist_ok=True)  # nothing is written before the settings, model and data are sound
     metrics_path = out / "metrics.jsonl" if rank == 0 else Path(os.devnull)  # torchrun: rank 0 alone logs
     rows = map(json.loads, metrics_path.read_text().splitlines()) if checkpoint else []
@@ -736,40 +750,47 @@ def train(cfg: Config) -> list[dict]:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    # Full fine-tuning in bf16: float32 master weights (build_models), bf16 matmuls under autocast. A region
+    # of its own for each step and each evaluation: autocast keeps its bf16 copies of the weights until the
+    # region ends, and the optimizer step, the last thing in a step, changes the weights.
+    bf16 = model.dtype == torch.float32 and resolve_dtype(cfg.dtype) == torch.bfloat16
+
+    def mixed_precision():
+        return torch.autocast(model.device.type, torch.bfloat16, enabled=bf16)
+
     def evaluate_and_log(done):
         if rank == 0:  # torchrun: rank 0 alone evaluates; the others wait
-            result = {"step": done, **evaluate_both(model, teacher, tokenizer, test_set, cfg)}
+            with mixed_precision():
+                result = {"step": done, **evaluate_both(model, teacher, tokenizer, test_set, cfg)}
             log(result)
             tqdm.write(f"step {done:4d}: student {result['student_acc']:.1%}, teacher {result['teacher_acc']:.1%}")
 
-    # Full fine-tuning in bf16: float32 master weights (build_models), bf16 matmuls.
-    bf16 = cfg.lora_rank == 0 and resolve_dtype(cfg.dtype) == torch.bfloat16
-    with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
-        if start == 0:
-            evaluate_and_log(0)
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=rank > 0)
-        for step in bar:
-            step_start = time.time()
-            # 1-2. The two prompts of each problem, and the student's rollouts. The problems and the noise depend
-            #      on (seed, step) alone, so a resumed run sees the same; with torchrun each rank takes its share.
-            step_seed = cfg.seed * 1_000_003 + step
-            batch = random.Random(step_seed).sample(train_set, cfg.batch_size)[rank::world]
-            generator = torch.Generator(model.device).manual_seed(step_seed * world + rank)
+    if start == 0:
+        evaluate_and_log(0)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=rank > 0)
+    for step in bar:
+        step_start = time.time()
+        # 1-2. The two prompts of each problem, and the student's rollouts. The problems and the noise depend
+        #      on (seed, step) alone, so a resumed run sees the same; with torchrun each rank takes its share.
+        step_seed = cfg.seed * 1_000_003 + step
+        batch = random.Random(step_seed).sample(train_set, cfg.batch_size)[rank::world]
+        generator = torch.Generator(model.device).manual_seed(step_seed * world + rank)
+        with mixed_precision():
             rollouts = collect_rollouts(model, tokenizer, batch, cfg, generator)
             # 3-5. Re-score them with the teacher, the per-token divergence, backward, clip and step.
             stats = train_step(model, teacher, optimizer, rollouts, cfg, learning_rate(cfg, step), fused)
-            # 6. Log one line; evaluate and checkpoint every so often.
-            seconds = time.time() - step_start
-            row = {"step": step + 1, **stats, "seconds": seconds, "tokens_per_s": stats["tokens"] / seconds}
-            if model.device.type == "cuda":
-                row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            log(row)
-            bar.set_postfix_str(f"loss {row['loss']:.4f} div {row['divergence']:.4f} clip {row['clipped_mass']:.3f} "
-                                f"acc {row['rollout_acc']:.0%} len {row['length']:.1f} tok/s {row['tokens_per_s']:.0f}")
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                evaluate_and_log(step + 1)
-            if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-                save_checkpoint(out, step + 1, model, teacher, tokenizer, optimizer, cfg)
+        # 6. Log one line; evaluate and checkpoint every so often.
+        seconds = time.time() - step_start
+        row = {"step": step + 1, **stats, "seconds": seconds, "tokens_per_s": stats["tokens"] / seconds}
+        if model.device.type == "cuda":
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        log(row)
+        bar.set_postfix_str(f"loss {row['loss']:.4f} div {row['divergence']:.4f} clip {row['clipped_mass']:.3f} "
+                            f"acc {row['rollout_acc']:.0%} len {row['length']:.1f} tok/s {row['tokens_per_s']:.0f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            evaluate_and_log(step + 1)
+        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(out, step + 1, model, teacher, tokenizer, optimizer, cfg)
     if world > 1:  # torchrun
         torch.distributed.destroy_process_group()
     return summarize_run(metrics_path, len(test_set), t0) if rank == 0 else []

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from lora import load_adapters
+from lora import SETTINGS, load_adapters
 
 
 def best_device() -> str:
@@ -32,7 +32,7 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False):
     """Model and tokenizer, on the best device (cuda, then mps, then cpu), in resolve_dtype(dtype). A LoRA
-    checkpoint of opsd (a folder with adapter_config.json) loads as its base model plus its float32 adapters:
+    checkpoint of opsd (a folder with lora.SETTINGS) loads as its base model plus its float32 adapters:
     exactly the model that trained, where merging them into bf16 weights would round most of the update away.
     A name that cannot be loaded is a ValueError that says why."""
     path = Path(name_or_path)
@@ -42,9 +42,8 @@ def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool =
         raise ValueError(f"{name_or_path} holds no tokenizer: save the model's there (tokenizer.save_pretrained)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        if (path / "adapter_config.json").exists():  # the base model, then the adapters on it
-            model = load_model(json.loads((path / "adapter_config.json").read_text())["base_model"], dtype,
-                               trust_remote_code)[0]
+        if (path / SETTINGS).exists():  # the base model, then the adapters on it
+            model = load_model(json.loads((path / SETTINGS).read_text())["base_model"], dtype, trust_remote_code)[0]
             load_adapters(model, path)
         else:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype),
@@ -98,7 +97,7 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: fl
            generator: torch.Generator | None = None) -> list[list[int]]:
     """One completion per prompt. Each ends after its first EOS (kept; eos_token_id is one id or a list of
     them, e.g. stop_ids) or at max_new_tokens."""
-    stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [], device=model.device)
+    stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     ids, attention_mask = pad_left(prompts, pad_token_id or 0, model.device)  # (B, P)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
     cache = DynamicCache(config=model.config)
@@ -109,11 +108,11 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: fl
                        logits_to_keep=1).logits[:, -1]  # (B, V)
         ids = next_token(logits, temperature, top_p, top_k, generator)[:, None]  # (B, 1)
         tokens.append(ids)
-        if len(stops):
-            finished |= torch.isin(ids[:, 0], stops)
+        if stops:
+            finished |= torch.isin(ids[:, 0], torch.tensor(stops, device=model.device))
             if finished.all():  # one host sync per token; it ends the loop as soon as every row is done
                 break
         attention_mask = F.pad(attention_mask, (0, 1), value=1)
         position_ids = position_ids[:, -1:] + 1
-    rows, stops = torch.cat(tokens, 1).tolist(), set(stops.tolist())  # rows that finished early: junk after EOS
+    rows = torch.cat(tokens, 1).tolist()  # (B, new tokens); rows that finished early carry junk after EOS
     return [row[:next((i + 1 for i, token in enumerate(row) if token in stops), len(row))] for row in rows]

@@ -75,6 +75,9 @@ def test_real_shape_benchmark_runs_on_a_tiny_shape():
     ("opsd.py", ["--model", "nobody/no-such-model"], "cannot load 'nobody/no-such-model'"),
     ("evaluate.py", ["--dataset", "nobody/no-such-data"], "cannot load the data set 'nobody/no-such-data'"),
     ("evaluate.py", ["--model", "BARE"], "holds no tokenizer: save the model's there"),
+    ("evaluate.py", ["--dataset", "missing.parquet"], "no data file 'missing.parquet'"),
+    ("evaluate.py", ["--dataset", "ANSWERS", "--answer_column", "answer", "--with_reference"],
+     "with_reference needs reference solutions"),
 ])
 def test_bad_input_is_one_line_that_says_what_to_do_and_writes_nothing(script, args, message, model_dir, tmp_path):
     bare = tmp_path / "bare"  # a model folder without its tokenizer
@@ -82,7 +85,9 @@ def test_bad_input_is_one_line_that_says_what_to_do_and_writes_nothing(script, a
     work = tmp_path / "work"
     work.mkdir()
     defaults = ["--model", str(ROOT / "tiny" / "model")]
-    args = [str(bare) if a == "BARE" else a for a in args]
+    answers = tmp_path / "answers.jsonl"  # problems with answers and no reference solutions
+    answers.write_text(json.dumps({"question": "1+1?", "solution": "", "answer": "2"}) + "\n")
+    args = [{"BARE": str(bare), "ANSWERS": str(answers)}.get(a, a) for a in args]
     done = subprocess.run([sys.executable, str(ROOT / script), *defaults, *args], cwd=work, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode != 0 and "Traceback" not in done.stderr

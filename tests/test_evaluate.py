@@ -25,7 +25,8 @@ PAIRS = [  # (prediction, gold, equal)
     ("5 cm", "5", True), ("12 square feet", "12", True), ("5 or more", "5", False),
     ("\\$18.90", "18.90", True), ("\\$18.90", "18.9", True), ("10_2", "102", False),  # a dollar sign, not 10_2
     ("1{,}000", "1000", True), ("1\\frac12", "1.5", True), ("-2\\frac{1}{4}", "-2.25", True),  # 1{,}000, mixed
-    ("1\\frac{1}{2}", "\\frac{3}{2}", True), ("1\\frac{1}{2}", "\\frac{1}{2}", False),
+    ("1\\frac{1}{2}", "\\frac{3}{2}", True), ("1\\frac{1}{2}", "\\frac{1}{2}", False), ("+1\\frac12", "0.5", False),
+    ("(1\\frac12, 2)", "(1.5,2)", True), ("1e400", "1e500", False),  # mixed numbers anywhere; no infinity
     ("30^\\circ", "30", True), ("45^{\\circ}", "45", True), ("90°", "90", True), ("\\text{(B)}", "B", True),
     ("\\left( 1, \\frac{1}{2} \\right)", "(1,0.5)", True), ("(1, 2)", "(2, 1)", False),  # tuples
     ("(1,2,3)", "(1,2)", False), ("[0, 1)", "[0,1)", True), ("[0,1)", "(0,1)", False),  # intervals
@@ -129,3 +130,19 @@ def test_the_papers_benchmarks_are_graded_with_its_prompt_and_its_last_box_only(
     assert evaluate.evaluate(model, tokenizer, examples, paper=True, out_path=out)["avg@1"] == 0  # not a \boxed{}
     assert json.loads(out.read_text())["prompt"] == "1+1?\n\nPlease reason step by step, and put your final answer " \
                                                     "within \\boxed{}."
+
+
+def test_the_cli_evaluates_a_papers_benchmark_as_the_paper_does(model_dir, tmp_path, monkeypatch, capsys):
+    import sys
+
+    import data
+    folder = tmp_path / "aime"  # a local stand-in for the aime24 preset's hub data set
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")
+    monkeypatch.setitem(data.PRESETS, "aime24", (str(folder), None, "problem", None, "answer"))
+    out = tmp_path / "rows.jsonl"
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", str(model_dir), "--dataset", "aime24",
+                                      "--max_new_tokens", "4", "--out", str(out)])
+    evaluate.main()
+    assert "1 problems, the paper's prompt" in capsys.readouterr().out
+    assert json.loads(out.read_text())["prompt"].startswith("1+1?\n\nPlease reason step by step")

@@ -134,8 +134,8 @@ def test_cli_trains_the_qwen3_stand_in_with_lora_and_gradient_checkpointing(qwen
 
 def test_a_bf16_lora_checkpoint_loads_as_the_model_that_trained(qwen3_dir, tmp_path, monkeypatch):
     """bf16 base, lr 5e-6: the update is far below one bf16 step of the weights. The checkpoint, loaded as
-    evaluate.py loads it, gives the in-memory adapter model's logits to within 1% of the update's own effect;
-    merging the adapters into bf16 weights (what opsd did before) loses most of it."""
+    evaluate.py loads it, gives the in-memory adapter model's logits exactly; merged into bf16 weights (what
+    opsd did before), the adapters move the logits away from them by over half the update's own effect."""
     in_memory = {}
 
     def save_and_remember(out, step, model, *args):
@@ -150,7 +150,7 @@ def test_a_bf16_lora_checkpoint_loads_as_the_model_that_trained(qwen3_dir, tmp_p
                        save_merged=True, max_new_tokens=8))
     effect = (in_memory["logits"] - in_memory["base"]).abs().mean()  # the update's own effect on the logits
     loaded, _ = load_model(str(tmp_path / "run" / "step_3"), dtype="bfloat16")
-    assert effect > 0 and (logits(loaded).float() - in_memory["logits"]).abs().mean() <= 0.01 * effect
+    assert effect > 0 and torch.equal(logits(loaded).float(), in_memory["logits"])  # the very same model
     bf16_merge = load_model(str(qwen3_dir), dtype="bfloat16")[0]
     for name, m in bf16_merge.named_modules():
         if name in in_memory["merged"]:

@@ -36,6 +36,10 @@ def test_a_row_stops_at_any_of_several_eos_ids(model, tokenizer):
     assert got[:2] == [[first], [second]] and len(got[2]) == len(got[3]) == 12
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, second]
     assert stop_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, second})
+    model.generation_config.eos_token_id = second
+    assert stop_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, second})
+    model.generation_config = None
+    assert stop_ids(model, tokenizer) == [tokenizer.eos_token_id]
 
 
 def test_sampling_is_reproducible_with_a_generator(model):
