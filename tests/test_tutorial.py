@@ -1,4 +1,5 @@
-"""tutorial.ipynb: it runs top to bottom, it imports what it teaches, and its exercise checks work."""
+"""tutorial.ipynb and tutorial_solutions.ipynb: they run top to bottom, the tutorial imports what it teaches,
+and each exercise's check accepts right answers (the solution and others) and rejects wrong ones."""
 
 import ast
 from pathlib import Path
@@ -14,43 +15,187 @@ import sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = nbformat.read(ROOT / "tutorial.ipynb", as_version=4)
+SOLUTIONS = nbformat.read(ROOT / "tutorial_solutions.ipynb", as_version=4)
 
 
-def tagged(tag: str) -> str:
-    sources = [c.source for c in NOTEBOOK.cells if tag in c.metadata.get("tags", [])]
+def tagged(notebook, tag: str) -> str:
+    sources = [c.source for c in notebook.cells if tag in c.metadata.get("tags", [])]
     assert len(sources) == 1, f"one cell tagged {tag!r} expected, found {len(sources)}"
     return sources[0]
 
 
-WRONG_ANSWERS = {  # exercise: an answer that a student might give and that is wrong
-    1: "reverse_kl = forward_kl",
-    2: "closer = {'forward': 'A', 'reverse': 'B'}",
-    3: "sampled_token_grad = lambda z, t, y: (t.log_softmax(-1)[y] - z.log_softmax(-1)[y]) * "
-       "(F.one_hot(torch.tensor(y), len(z)).to(z.dtype) - z.softmax(-1))",  # the sign flipped
-    4: "wrong_reference = lambda example: example",
-    5: "stable_log_softmax = lambda z: z - z.exp().sum(-1, keepdim=True).log()",  # overflows
+# For each exercise, answers other than the solution's that are right, and typical wrong ones.
+RIGHT = {
+    1: ["def batch_loss(model, teacher, sp, tp, c, beta):\n"
+        "    t, _ = completion_logits(teacher, tp, c)\n"
+        "    s, mask = completion_logits(model, sp, c)\n"
+        "    return divergence(s, t.detach(), mask, beta)",
+        "def batch_loss(model, teacher, sp, tp, c, beta):\n"
+        "    with torch.no_grad():\n"
+        "        t = F.log_softmax(completion_logits(teacher, tp, c)[0], -1)\n"
+        "    z, mask = completion_logits(model, sp, c)\n"
+        "    per_token = divergence_terms(F.log_softmax(z, -1), t, beta).sum(-1)\n"
+        "    return (per_token * mask).sum() / mask.sum()"],
+    2: ["completion_columns = lambda logits, P, L: logits[:, P - 1:-1]",
+        "completion_columns = lambda logits, P, L: logits[:, -L - 1:-1]",
+        "completion_columns = lambda logits, P, L: logits.narrow(1, P - 1, L)"],
+    3: ["def jsd(s, t, beta):\n"
+        "    m = torch.logaddexp(t + math.log(beta), s + math.log(1 - beta))\n"
+        "    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)",
+        "def jsd(s, t, beta):\n"
+        "    m = (beta * t.exp() + (1 - beta) * s.exp()).log()\n"
+        "    kl = lambda p: F.kl_div(m, p, log_target=True, reduction='none').sum(-1)\n"
+        "    return beta * kl(t) + (1 - beta) * kl(s)"],
+    4: ["def ema_update(teacher, student, decay):\n"
+        "    with torch.no_grad():\n"
+        "        for t, s in zip(teacher.parameters(), student.parameters()):\n"
+        "            t.lerp_(s, 1 - decay)",
+        "def ema_update(teacher, student, decay):\n"
+        "    for t, s in zip(teacher.parameters(), student.parameters()):\n"
+        "        t.data = decay * t.data + (1 - decay) * s.data",
+        "def ema_update(teacher, student, decay):\n"
+        "    s = student.state_dict()\n"
+        "    teacher.load_state_dict({k: decay * v + (1 - decay) * s[k] for k, v in teacher.state_dict().items()})",
+        "ema_update = update_ema"],
+    5: ["def sampled_token_grad(z, t, y):\n"
+        "    z = z.clone().requires_grad_()\n"
+        "    s = z.log_softmax(-1)\n"
+        "    (-(t.log_softmax(-1)[y] - s[y]).detach() * s[y]).backward()\n"
+        "    return z.grad",
+        "def sampled_token_grad(z, t, y):\n"
+        "    p = z.softmax(-1)\n"
+        "    a = t.log_softmax(-1)[y] - p[y].log()\n"
+        "    g = a * p\n"
+        "    g[y] -= a\n"
+        "    return g"],
+    6: ["def stable_log_softmax(z):\n"
+        "    m = z.max(dim=-1, keepdim=True).values\n"
+        "    return z - m - torch.log(torch.sum(torch.exp(z - m), dim=-1, keepdim=True))",
+        "def stable_log_softmax(z):\n"
+        "    z = z.double()\n"
+        "    shifted = z - z.amax(-1, keepdim=True)\n"
+        "    return (shifted - shifted.exp().sum(-1, keepdim=True).log()).float()"],
+    7: ["closer = {'forward': 'b', 'reverse': 'a'}"],
+    8: ["def wrong_reference(ex):  # the sums stay right, only the box is wrong\n"
+        "    return Example(ex.question, ex.solution.replace('{' + ex.answer + '}', '{' + str(int(ex.answer) + 1) + '}'),"
+        " ex.answer)",
+        "wrong_reference = lambda ex: Example(ex.question, '\\\\boxed{' + str(int(ex.answer) + 7) + '}', ex.answer)"],
+}
+WRONG = {
+    1: ["def batch_loss(model, teacher, sp, tp, c, beta):  # the pads are averaged in\n"
+        "    with torch.no_grad():\n"
+        "        t, _ = completion_logits(teacher, tp, c)\n"
+        "    s, mask = completion_logits(model, sp, c)\n"
+        "    return divergence_terms(log_probs(s, 1.0), log_probs(t, 1.0), beta).sum(-1).mean()",
+        "def batch_loss(model, teacher, sp, tp, c, beta):  # a mean of per-rollout means\n"
+        "    with torch.no_grad():\n"
+        "        t, _ = completion_logits(teacher, tp, c)\n"
+        "    s, mask = completion_logits(model, sp, c)\n"
+        "    per_token = divergence_terms(log_probs(s, 1.0), log_probs(t, 1.0), beta).sum(-1)\n"
+        "    return ((per_token * mask).sum(1) / mask.sum(1)).mean()",
+        "def batch_loss(model, teacher, sp, tp, c, beta):  # the teacher gets a gradient too\n"
+        "    t, _ = completion_logits(teacher, tp, c)\n"
+        "    s, mask = completion_logits(model, sp, c)\n"
+        "    return divergence_terms(log_probs(s, 1.0), log_probs(t, 1.0), beta).sum(-1)[mask].mean()",
+        "def batch_loss(model, teacher, sp, tp, c, beta):  # the roles swapped\n"
+        "    with torch.no_grad():\n"
+        "        t, _ = completion_logits(teacher, tp, c)\n"
+        "    s, mask = completion_logits(model, sp, c)\n"
+        "    return divergence_terms(log_probs(t, 1.0), log_probs(s, 1.0), beta).sum(-1)[mask].mean()"],
+    2: ["completion_columns = lambda logits, P, L: logits[:, P:P + L]",
+        "completion_columns = lambda logits, P, L: logits[:, -L:]",
+        "completion_columns = lambda logits, P, L: logits[:, :L]"],
+    3: ["def jsd(s, t, beta):  # the weights swapped\n"
+        "    m = ((1 - beta) * t.exp() + beta * s.exp()).log()\n"
+        "    return (1 - beta) * (t.exp() * (t - m)).sum(-1) + beta * (s.exp() * (s - m)).sum(-1)",
+        "def jsd(s, t, beta):  # a mixture of the log-probabilities\n"
+        "    m = beta * t + (1 - beta) * s\n"
+        "    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)",
+        "def jsd(s, t, beta):  # KL(m || p) instead of KL(p || m)\n"
+        "    m = (beta * t.exp() + (1 - beta) * s.exp()).log()\n"
+        "    return beta * (m.exp() * (m - t)).sum(-1) + (1 - beta) * (m.exp() * (m - s)).sum(-1)"],
+    4: ["def ema_update(teacher, student, decay):  # decay weighs the student\n"
+        "    with torch.no_grad():\n"
+        "        for t, s in zip(teacher.parameters(), student.parameters()):\n"
+        "            t.copy_((1 - decay) * t + decay * s)",
+        "def ema_update(teacher, student, decay):  # a new tensor bound to a name: the teacher never changes\n"
+        "    for t, s in zip(teacher.parameters(), student.parameters()):\n"
+        "        t = decay * t + (1 - decay) * s",
+        "def ema_update(teacher, student, decay):  # in place, but recorded by autograd\n"
+        "    for t, s in zip(teacher.parameters(), student.parameters()):\n"
+        "        t.mul_(decay).add_(s, alpha=1 - decay)"],
+    5: ["sampled_token_grad = lambda z, t, y: (t.log_softmax(-1)[y] - z.log_softmax(-1)[y]) * "
+        "(F.one_hot(torch.tensor(y), len(z)).to(z.dtype) - z.softmax(-1))",  # the sign flipped
+        "sampled_token_grad = lambda z, t, y: -(t.log_softmax(-1)[y] - z.log_softmax(-1)[y]) * "
+        "F.one_hot(torch.tensor(y), len(z)).to(z.dtype)",  # the normaliser forgotten
+        "def sampled_token_grad(z, t, y):  # a gradient through A too\n"
+        "    z = z.clone().requires_grad_()\n"
+        "    s = z.log_softmax(-1)\n"
+        "    (-(t.log_softmax(-1)[y] - s[y]) * s[y]).backward()\n"
+        "    return z.grad"],
+    6: ["stable_log_softmax = lambda z: z - z.exp().sum(-1, keepdim=True).log()",  # overflows
+        "stable_log_softmax = lambda z: z.softmax(-1).log()",  # log of a probability that rounded to 0
+        "stable_log_softmax = lambda z: (z - z.max()) - (z - z.max()).exp().sum(-1, keepdim=True).log()",  # one max
+        "stable_log_softmax = lambda z: torch.log_softmax(z, -1)",
+        "stable_log_softmax = lambda z: torch.special.log_softmax(z, -1)",
+        "stable_log_softmax = lambda z: z - torch.logsumexp(z, -1, keepdim=True)"],
+    7: ["closer = {'forward': 'A', 'reverse': 'B'}", "closer = {'forward': 'A', 'reverse': 'A'}"],
+    8: ["wrong_reference = lambda example: example",
+        "wrong_reference = lambda ex: Example(ex.question, ex.solution.replace(ex.answer, '0'), '0')",
+        "wrong_reference = lambda ex: Example(ex.question, 'so the answer is ' + str(int(ex.answer) + 2), ex.answer)"],
 }
 
 
-@pytest.mark.parametrize("number", sorted(WRONG_ANSWERS))
-def test_each_exercise_check_passes_on_the_solution_and_fails_on_a_wrong_answer(number, capsys):
+def cases(answers: dict) -> list:
+    return [pytest.param(n, a, id=f"exercise {n}, answer {i}") for n, some in answers.items() for i, a in enumerate(some)]
+
+
+@pytest.fixture(scope="module")
+def setup_namespace():
     namespace = {}
-    exec(tagged("setup"), namespace)
-    exec(tagged(f"exercise-{number}"), namespace)
-    exec(tagged(f"check-{number}"), namespace)  # the answer is still None: nothing to check yet
+    exec("import math", namespace)  # for the answers below
+    exec(tagged(NOTEBOOK, "setup"), namespace)
+    return namespace
+
+
+def check_with(number, answer_source, setup_namespace, capsys):
+    """Runs exercise `number` as the tutorial does (setup, statement, check: "not attempted"), then
+    answer_source; returns its check, to call."""
+    namespace = dict(setup_namespace)
+    exec(tagged(NOTEBOOK, f"exercise-{number}"), namespace)
+    exec(tagged(NOTEBOOK, f"check-{number}"), namespace)  # the answer is still None: nothing to check yet
     assert f"exercise {number}: not attempted" in capsys.readouterr().out
-    exec(tagged(f"solution-{number}"), namespace)  # ends by calling the check
+    exec(answer_source, namespace)
+    return namespace[f"check_{number}"]
+
+
+@pytest.mark.parametrize("number", range(1, 9))
+def test_each_check_passes_on_the_solution(number, setup_namespace, capsys):
+    solution = tagged(SOLUTIONS, f"solution-{number}").replace(f"check_{number}()", "")  # called below
+    check_with(number, solution, setup_namespace, capsys)()
     assert f"exercise {number}: correct" in capsys.readouterr().out
-    exec(WRONG_ANSWERS[number], namespace)
-    with pytest.raises(AssertionError):
-        namespace[f"check_{number}"]()
+
+
+@pytest.mark.parametrize("number, answer", cases(RIGHT))
+def test_each_check_passes_on_other_right_answers(number, answer, setup_namespace, capsys):
+    check_with(number, answer, setup_namespace, capsys)()
+    assert f"exercise {number}: correct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("number, answer", cases(WRONG))
+def test_each_check_fails_on_a_wrong_answer_with_a_message(number, answer, setup_namespace, capsys):
+    check = check_with(number, answer, setup_namespace, capsys)
+    with pytest.raises(AssertionError) as error:
+        check()
+    assert len(str(error.value)) > 20, "the check must say what is wrong"
+    assert f"exercise {number}: correct" not in capsys.readouterr().out
 
 
 def test_the_notebook_imports_what_it_teaches_and_redefines_nothing():
     modules = (opsd, data, evaluate, sampling, lora)
     library = {name for module in modules for name in vars(module) if not name.startswith("_")}
     imported, defined = set(), set()
-    for cell in NOTEBOOK.cells:
+    for cell in NOTEBOOK.cells + SOLUTIONS.cells:
         if cell.cell_type == "code":
             for node in ast.walk(ast.parse(cell.source)):
                 if isinstance(node, ast.ImportFrom) and node.module in {m.__name__ for m in modules}:
@@ -59,14 +204,16 @@ def test_the_notebook_imports_what_it_teaches_and_redefines_nothing():
                     defined.add(node.name)
                 elif isinstance(node, ast.Assign):
                     defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-    assert {"sample", "completion_logits", "divergence", "fused_divergence", "train", "evaluate"} <= imported
-    assert not defined & library, f"the notebook redefines library names: {defined & library}"
+    assert {"sample", "completion_logits", "divergence", "opsd_loss", "fused_divergence", "train", "evaluate"} <= imported
+    assert not defined & library, f"the notebooks redefine library names: {defined & library}"
 
 
 @pytest.mark.slow
-def test_the_notebook_runs_top_to_bottom():
+def test_both_notebooks_run_top_to_bottom():
     from nbclient import NotebookClient
-    notebook = nbformat.read(ROOT / "tutorial.ipynb", as_version=4)  # a fresh copy, outputs replaced
-    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
-    printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
-    assert all(f"exercise {n}: correct" in printed for n in WRONG_ANSWERS)
+    printed = ""
+    for name in ("tutorial.ipynb", "tutorial_solutions.ipynb"):  # the solutions notebook reads the tutorial's checks
+        notebook = nbformat.read(ROOT / name, as_version=4)  # a fresh copy: the outputs are replaced
+        NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+        printed += "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert all(f"exercise {n}: not attempted" in printed and f"exercise {n}: correct" in printed for n in range(1, 9))
