@@ -85,8 +85,9 @@ def pad_right(completions: list[list[int]], device) -> torch.Tensor:
 
 def completion_batch(prompts: list[list[int]], completions: list[list[int]], device):
     """The inputs of one forward pass that scores each completion after its prompt, and the mask (B, L) of
-    real completion tokens. Row i is laid out as [pads, prompt_i, completion_i, pads]: every prompt ends in
-    column P, so completion token j sits in column P + j of every row and is predicted from column P + j - 1.
+    real completion tokens. Row i is laid out as [pads, prompt_i, completion_i, pads]: with P prompt columns, every
+    prompt ends in column P - 1, so completion token j sits in column P + j of every row and is predicted from
+    column P + j - 1.
     No pad ever sits between a prompt and its completion, so student and teacher prompts give the same
     completion ids at the same offsets."""
     prompt_ids, prompt_mask = pad_left(prompts, 0, device)  # (B, P), (B, P)
