@@ -1,7 +1,9 @@
 """OPSD at a real model's size without downloading one: a randomly initialised model with Qwen3-1.7B's
 shape, trained for a few steps with the paper's recipe (bf16 on a GPU, LoRA r64 on every projection, forward
 KL with clip 0.05, 32 rollouts of up to 1024 tokens per step) through opsd.train itself. It prints the card,
-the peak memory, the step time and the tokens per second (the held-out evaluation is skipped). A random
+the peak memory, the step time and the tokens per second (the held-out evaluation is skipped), and where a
+step's time goes: sampling, the teacher's forward passes, the student's forward and backward passes, the
+optimizer (timed by wrapping opsd's functions here, so that opsd.py itself stays free of timers). A random
 model almost never samples its EOS, so every rollout runs to the limit: the worst case for time and memory.
 The prompts are the built-in problems with the reference solution padded to --reference_tokens (the
 paper's references are long).
@@ -18,6 +20,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -33,6 +36,31 @@ QWEN3_1_7B = dict(vocab_size=151_936, hidden_size=2048, intermediate_size=6144, 
                   tie_word_embeddings=True)
 TINY = dict(QWEN3_1_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16)
+
+
+def timed(function, phase, totals):
+    """function, adding its wall time to totals[phase(*args)] (a GPU's queued work included)."""
+    def wrapper(*args, **kwargs):
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        key = phase(*args)
+        sync()
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        sync()
+        totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
+        return result
+    return wrapper
+
+
+def time_the_phases(totals):
+    """Wraps the functions of one step: rollouts, the two-context forwards (the teacher's run under no_grad,
+    the student's with gradients), the optimizer step and the whole of train_step; backward is the rest."""
+    opsd.collect_rollouts = timed(opsd.collect_rollouts, lambda *a: "sampling", totals)
+    for name in ("completion_hidden", "completion_logits"):
+        setattr(opsd, name, timed(getattr(opsd, name), lambda *a: "student forward" if torch.is_grad_enabled()
+                                  else "teacher forward", totals))
+    torch.optim.AdamW.step = timed(torch.optim.AdamW.step, lambda *a: "optimizer", totals)
+    opsd.train_step = timed(opsd.train_step, lambda *a: "train_step", totals)
 
 
 def main():
@@ -74,6 +102,8 @@ def main():
                      eval_size=4, save_every=args.steps, gradient_checkpointing=args.gradient_checkpointing)
         # The held-out evaluation (a random model scores nothing) is not what this measures: skipped.
         opsd.evaluate_both = lambda *args: {"student_acc": math.nan, "teacher_acc": math.nan}
+        totals = {}  # seconds per phase over all steps
+        time_the_phases(totals)
         train(cfg)
         rows = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r][1:] or [r for r in rows if "loss" in r]  # the first step warms up
@@ -87,6 +117,12 @@ def main():
           f"{statistics.median(r['tokens_per_s'] for r in steps):.0f} generated tokens/s, mean rollout "
           f"{statistics.mean(r['length'] for r in steps):.0f} tokens, peak memory "
           + (f"{max(r['peak_memory_gb'] for r in steps):.1f} GiB" if device == "cuda" else "n/a on CPU"))
+    totals["backward"] = totals.pop("train_step") - sum(totals.get(k, 0.0) for k in (
+        "teacher forward", "student forward", "optimizer"))
+    total = sum(totals.values())
+    print(f"time split over all {len([r for r in rows if 'loss' in r])} steps (the first included): " + ", ".join(
+        f"{phase} {totals.get(phase, 0.0) / total:.0%}" for phase in (
+            "sampling", "teacher forward", "student forward", "backward", "optimizer")))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,10 +64,20 @@ def test_divergence_benchmark_runs_and_prints_its_table():
     assert len(rows) == 2 and all(line.count(" GB ") == 3 and "mem " in line for line in rows)
 
 
+def test_sampler_benchmark_compares_the_plain_loop_with_generate():
+    rows = [line for line in run("benchmarks/sampler.py", "--quick").splitlines() if "generated tokens/s" in line]
+    assert [row.split("  ")[0] for row in rows] == ["plain loop (sampling.sample)", "generate, dynamic cache",
+                                                   "generate, static cache"]
+    assert all(row.endswith("rows identical to the plain loop's: 16/16") for row in rows)  # greedy: same tokens
+
+
 def test_real_shape_benchmark_runs_on_a_tiny_shape():
     out = run("benchmarks/real_shape.py", "--tiny", "--steps", "2", "--reference_tokens", "100")
     assert "random weights in a tiny Qwen3 shape" in out and "LoRA r64" in out and "the divergence's fused path" in out
-    assert "generated tokens/s" in out.strip().splitlines()[-1]
+    assert "generated tokens/s" in out.strip().splitlines()[-2]
+    split = out.strip().splitlines()[-1]  # five phases, in percent, that add up to about 100
+    shares = [int(share) for share in re.findall(r"(\d+)%", split)]
+    assert split.startswith("time split over all 2 steps") and len(shares) == 5 and 97 <= sum(shares) <= 103
 
 
 @pytest.mark.parametrize("script, args, message", [
