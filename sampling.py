@@ -102,6 +102,7 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: fl
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
     cache = DynamicCache(config=model.config)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
+    stop_tensor = torch.tensor(stops, device=model.device)  # made once, not once per token
     tokens = []
     for _ in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
@@ -109,7 +110,7 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: fl
         ids = next_token(logits, temperature, top_p, top_k, generator)[:, None]  # (B, 1)
         tokens.append(ids)
         if stops:
-            finished |= torch.isin(ids[:, 0], torch.tensor(stops, device=model.device))
+            finished |= torch.isin(ids[:, 0], stop_tensor)
             if finished.all():  # one host sync per token; it ends the loop as soon as every row is done
                 break
         attention_mask = F.pad(attention_mask, (0, 1), value=1)
