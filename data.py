@@ -30,6 +30,9 @@ class Example:
 # The built-in task. "joe has 11 eggs, gets 48 more, then gives away 55. how many eggs now?" is solved by
 # "11+48=59, 59-55=4. \boxed{4}". A tiny model that has seen such solutions copies one easily when it sits
 # in its context, but must do two 2-digit sums in its head when it does not: the gap OPSD closes.
+# Its variant 'builtin_other' has the same problems with references "by another model", in another style:
+# the answer first, the working after, in words ("\boxed{4}, as 11 plus 48 is 59 and 59 minus 55 is 4.").
+# Its base model (tiny/model_other) writes its own style and reads the other one in the teacher's context.
 
 NAMES = ["ann", "ben", "eva", "joe", "kim", "leo", "mia", "sam", "tom", "zoe"]
 ITEMS = ["apples", "books", "cards", "coins", "eggs", "pens", "shells", "stamps"]
@@ -37,9 +40,10 @@ MORE = ["gets {} more", "finds {} more", "buys {} more"]
 LESS = ["gives away {}", "loses {}", "sells {}"]
 
 
-def builtin_examples(split: str, n: int, seed: int = 0) -> list[Example]:
+def builtin_examples(split: str, n: int, seed: int = 0, other_style: bool = False) -> list[Example]:
     """n problems of the built-in task. The split is decided by a hash of the arithmetic alone, so no
-    calculation of the 'test' split ever appears in 'train', whatever the names and the seeds."""
+    calculation of the 'test' split ever appears in 'train', whatever the names and the seeds. other_style:
+    the same problems with the references of the 'builtin_other' variant."""
     rng, examples = random.Random(seed), []
     while len(examples) < n:
         a, b, c = (rng.randint(10, 99) for _ in range(3))
@@ -52,10 +56,11 @@ def builtin_examples(split: str, n: int, seed: int = 0) -> list[Example]:
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
         step1 = rng.choice(MORE if sign1 == "+" else LESS).format(b)
         step2 = rng.choice(MORE if sign2 == "+" else LESS).format(c)
-        examples.append(Example(
-            question=f"{name} has {a} {item}, {step1}, then {step2}. how many {item} now?",
-            solution=f"{a}{sign1}{b}={r1}, {r1}{sign2}{c}={r2}. \\boxed{{{r2}}}",
-            answer=str(r2)))
+        word1, word2 = ("plus" if sign == "+" else "minus" for sign in (sign1, sign2))
+        solution = (f"\\boxed{{{r2}}}, as {a} {word1} {b} is {r1} and {r1} {word2} {c} is {r2}." if other_style
+                    else f"{a}{sign1}{b}={r1}, {r1}{sign2}{c}={r2}. \\boxed{{{r2}}}")
+        examples.append(Example(f"{name} has {a} {item}, {step1}, then {step2}. how many {item} now?", solution,
+                                str(r2)))
     return examples
 
 
@@ -77,13 +82,14 @@ BENCHMARKS = ("aime24", "aime25", "hmmt25")  # evaluated as the paper does: eval
 
 def load_examples(source: str, split: str = "train", n: int | None = None, seed: int = 0, question_column: str = "",
                   solution_column: str = "", answer_column: str = "") -> list[Example]:
-    """The first n examples of `split` of the built-in task ('builtin'), a preset (by its short or hub
-    name), a local JSON/JSONL/CSV/parquet file (one split: all its rows) or any data set that
-    datasets.load_dataset opens (a hub name or a local folder; a data set with one split serves it for
-    every split). Columns default to the preset's, else question, solution and answer; without an answer
+    """The first n examples of `split` of the built-in task ('builtin', or its variant 'builtin_other'), a
+    preset (by its short or hub name), a local JSON/JSONL/CSV/parquet file (one split: all its rows) or any
+    data set that datasets.load_dataset opens (a hub name or a local folder; a data set with one split serves
+    it for every split). Columns default to the preset's, else question, solution and answer; without an answer
     column the answer is read from the solution."""
-    if source == "builtin":
-        return builtin_examples(split, n or (20_000 if split == "train" else 500), seed)
+    if source in ("builtin", "builtin_other"):
+        n = n or (20_000 if split == "train" else 500)
+        return builtin_examples(split, n, seed, other_style=source == "builtin_other")
     import datasets  # imported here: the built-in task does not need it
 
     preset = PRESETS.get(source) or next((p for p in PRESETS.values() if p[0] == source), None)

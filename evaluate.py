@@ -197,10 +197,11 @@ def summarize(rows: list[dict], k: int) -> dict:
 def evaluate(model, tokenizer, examples: list[Example], with_reference: bool = False, thinking: bool = False,
              samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0, out_path: str | None = None,
-             progress: bool = False, paper: bool = False) -> dict:
+             progress: bool = False, paper: bool = False, fast: bool = False) -> dict:
     """Samples `samples` completions per problem and returns summarize's scores; out_path gets one JSONL row
     per problem. The student sees the question alone; with_reference=True gives the teacher's context.
-    paper=True evaluates as the paper does on its benchmarks: evaluation_prompt, and the last \\boxed{} only."""
+    paper=True evaluates as the paper does on its benchmarks: evaluation_prompt, and the last \\boxed{} only.
+    fast=True samples through sampling.sample_fast."""
     if with_reference and not all(ex.solution for ex in examples):
         raise ValueError("with_reference needs reference solutions, and some problems have none: name the "
                          "column with --solution_column")
@@ -214,7 +215,7 @@ def evaluate(model, tokenizer, examples: list[Example], with_reference: bool = F
     for start in tqdm(range(0, len(jobs), batch_size), desc="evaluate", disable=not progress):
         batch = jobs[start:start + batch_size]  # prompts of similar lengths: little padding
         outputs = sample(model, [ids[i] for i, _ in batch], max_new_tokens, temperature, top_p, top_k,
-                         stops, tokenizer.pad_token_id, generator)
+                         stops, tokenizer.pad_token_id, generator, fast)
         for (i, s), output in zip(batch, outputs):
             completions[i][s] = output
     rows = []
@@ -232,8 +233,8 @@ def evaluate(model, tokenizer, examples: list[Example], with_reference: bool = F
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny/model", help="local path or hub name of the model")
-    parser.add_argument("--dataset", default="builtin", help="'builtin', a preset (" + ", ".join(PRESETS) +
-                        "), a hub data set or a local JSON/JSONL/CSV/parquet file")
+    parser.add_argument("--dataset", default="builtin", help="'builtin', 'builtin_other', a preset (" +
+                        ", ".join(PRESETS) + "), a hub data set or a local JSON/JSONL/CSV/parquet file")
     parser.add_argument("--split", default="test", help="split of a hub data set (one with a single split uses it)")
     parser.add_argument("--n", type=int, default=None, help="number of problems (default: all; built-in: 500)")
     for column in ("question", "solution", "answer"):
@@ -247,6 +248,7 @@ def main():
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=64, help="completions sampled at once")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fast", action="store_true", help="a static cache and a compiled decode step (GPUs)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
     parser.add_argument("--out", default=None, help="JSONL of every completion (default: runs/eval/DATASET.jsonl)")
@@ -261,7 +263,7 @@ def main():
         scores = evaluate(model, tokenizer, examples, with_reference=args.with_reference, thinking=args.thinking,
                           samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                          out_path=out, progress=True, paper=paper)
+                          out_path=out, progress=True, paper=paper, fast=args.fast)
     except ValueError as e:
         sys.exit(f"evaluate.py: error: {e}")
     context = "with the reference" if args.with_reference else "the paper's prompt" if paper else "question alone"

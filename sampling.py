@@ -2,19 +2,21 @@
 
 Owns: loading a model and its tokenizer on the best device (an opsd LoRA checkpoint as its base model plus
 its adapters), the ids that end a completion, left-padding a batch of prompts, drawing one token
-(temperature, top-k, top-p) and the sampling loop with a KV cache. Both the training loop (the
-student's rollouts, opsd.py) and the evaluation loop (evaluate.py) sample through `sample`.
-Leaves out: beam search, repetition penalties, speculative decoding, a compiled or paged cache.
+(temperature, top-k, top-p) and the sampling loop with a KV cache, plain (the reference) or fast (a static
+cache and a compiled decode step, for GPUs). Both the training loop (the student's rollouts, opsd.py) and the
+evaluation loop (evaluate.py) sample through `sample`.
+Leaves out: beam search, repetition penalties, speculative decoding, a paged cache.
 Shapes: B prompts, P padded prompt length, V vocabulary.
 """
 
+import functools
 import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
 from lora import SETTINGS, load_adapters
 
@@ -65,20 +67,27 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted({tokenizer.eos_token_id, *([listed] if isinstance(listed, int) else listed or [])})
 
 
-def pad_left(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_left(prompts: list[list[int]], pad_token_id: int, device, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, P) with the pads on the left, so that every prompt ends in the last column, and the
-    attention mask (B, P), 0 on the pads."""
-    width = max(len(p) for p in prompts)
+    attention mask (B, P), 0 on the pads. P is the longest prompt's length, or width if that is more."""
+    width = max(width, *map(len, prompts))
     ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     return ids, mask
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> torch.Tensor:
-    """One token per row (B,) from logits (B, V): greedy at temperature 0, else temperature, top-k and top-p
-    applied in that order (as transformers does), then a draw."""
+    """One token per row (B,) from logits (B, V): greedy at temperature 0, else a draw from
+    filtered_logits."""
     if temperature == 0:
         return logits.argmax(-1)
+    return torch.multinomial(filtered_logits(logits, temperature, top_p, top_k).softmax(-1), 1,
+                             generator=generator).squeeze(-1)
+
+
+def filtered_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """Logits (B, V) in float32 with temperature, top-k and top-p applied in that order (as transformers does):
+    the tokens left out get -inf."""
     logits = logits.float() / temperature
     if top_k > 0:
         kth_best = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
@@ -88,16 +97,18 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: in
         probs = sorted_logits.softmax(-1)
         outside = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return logits
 
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
            top_k: int = 0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-           generator: torch.Generator | None = None) -> list[list[int]]:
+           generator: torch.Generator | None = None, fast: bool = False) -> list[list[int]]:
     """One completion per prompt. Each ends after its first EOS (kept; eos_token_id is one id or a list of
-    them, e.g. stop_ids) or at max_new_tokens."""
+    them, e.g. stop_ids) or at max_new_tokens. fast=True: sample_fast, the same tokens at temperature 0."""
     stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if fast:
+        return sample_fast(model, prompts, max_new_tokens, temperature, top_p, top_k, stops, pad_token_id, generator)
     ids, attention_mask = pad_left(prompts, pad_token_id or 0, model.device)  # (B, P)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
     cache = DynamicCache(config=model.config)
@@ -115,5 +126,81 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: fl
                 break
         attention_mask = F.pad(attention_mask, (0, 1), value=1)
         position_ids = position_ids[:, -1:] + 1
-    rows = torch.cat(tokens, 1).tolist()  # (B, new tokens); rows that finished early carry junk after EOS
-    return [row[:next((i + 1 for i, token in enumerate(row) if token in stops), len(row))] for row in rows]
+    return cut_after_stop(torch.cat(tokens, 1), stops)
+
+
+def cut_after_stop(tokens: torch.Tensor, stops: list[int]) -> list[list[int]]:
+    """The rows of tokens (B, new tokens), each up to and with its first stop id: rows that finished early
+    carry junk after it."""
+    return [row[:next((i + 1 for i, token in enumerate(row) if token in stops), len(row))] for row in tokens.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast path. The plain loop spends most of a GPU's time in Python: each token launches hundreds of small
+# kernels (every layer, every LoRA adapter), the cache grows and `finished.all()` waits for the GPU. The
+# tricks of gpt-fast (PyTorch's reference sampler), each in a line below:
+
+BUCKET = 64  # prompts are left-padded to 64, 128, 256... tokens: a handful of compiled graphs, not one per length
+CHECK_EVERY = 16  # tokens between the checks whether every row is done: the loop's only waits for the GPU
+BACKEND = "inductor"  # torch.compile's backend; the tests count compilations with their own
+
+
+def decode_step(model, token, mask, position, cache_position, cache, noise, temperature, top_p, top_k):
+    """One token per row (B, 1) after token (B, 1), all shapes fixed. The draw is an exponential race,
+    argmax p / E with E ~ Exp(1), which draws from p: the noise comes from outside, so that a seeded generator
+    does not break the compiled graph."""
+    logits = model(input_ids=token, attention_mask=mask, position_ids=position, cache=cache,
+                   cache_position=cache_position, logits_to_keep=1).logits[:, -1]  # (B, V)
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    return (filtered_logits(logits, temperature, top_p, top_k).softmax(-1) / noise).argmax(-1, keepdim=True)
+
+
+@functools.cache
+def compiled_decode_step(backend, cuda: bool):
+    """decode_step compiled once per process, whole (fullgraph: an unsupported op is an error, not a silent
+    slow path). On CUDA, mode reduce-overhead records it as a CUDA graph: one replay per token, no launches
+    from Python; LoRA adapters are inside the graph and cost no extra launches."""
+    return torch.compile(decode_step, backend=backend, mode="reduce-overhead" if cuda and backend == "inductor"
+                         else None, fullgraph=True, dynamic=False)
+
+
+@functools.lru_cache(maxsize=4)
+def static_cache(model, batch_size: int, length: int) -> StaticCache:
+    """A KV cache of its final length, allocated once per model and shape (the last four are kept: rollouts,
+    and the student's and teacher's evaluations) and reset before each use: a CUDA graph needs its tensors at
+    fixed addresses."""
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
+@torch.no_grad()
+def sample_fast(model, prompts, max_new_tokens, temperature, top_p, top_k, stops, pad_token_id, generator):
+    """`sample` with every decode step of the same shapes, compiled. Rows that finish keep running (their tokens
+    are cut off afterwards) so that the batch never changes shape; positions and the attention mask, allocated
+    at full length, are updated in place."""
+    width = max(BUCKET, 1 << (max(map(len, prompts)) - 1).bit_length())  # the next power of two
+    ids, prompt_mask = pad_left(prompts, pad_token_id or 0, model.device, width)  # (B, P)
+    mask = F.pad(prompt_mask, (0, max_new_tokens))  # (B, P + N), 1 where a token is written
+    position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    cache = static_cache(model, len(prompts), width + max_new_tokens)
+    cache.reset()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
+                   cache_position=torch.arange(width, device=model.device), logits_to_keep=1).logits[:, -1]
+    token = next_token(logits, temperature, top_p, top_k, generator)[:, None]  # (B, 1), the prefill is not compiled
+    step = compiled_decode_step(BACKEND, model.device.type == "cuda")
+    cache_position, position = torch.tensor([width], device=model.device), position[:, -1:] + 1
+    stop_tensor = torch.tensor(stops, device=model.device)
+    finished, tokens = torch.isin(token[:, 0], stop_tensor), [token]
+    for t in range(1, max_new_tokens):
+        if t % CHECK_EVERY == 0 and stops and finished.all():
+            break
+        mask.index_fill_(1, cache_position, 1)
+        noise = None if temperature == 0 else torch.empty_like(logits, dtype=torch.float32).exponential_(
+            generator=generator)  # (B, V)
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may now be overwritten
+        token = step(model, token, mask, position, cache_position, cache, noise, temperature, top_p, top_k).clone()
+        tokens.append(token)
+        finished |= torch.isin(token[:, 0], stop_tensor)
+        cache_position += 1
+        position += 1
+    return cut_after_stop(torch.cat(tokens, 1), stops)

@@ -1,27 +1,36 @@
-"""OPSD against SFT and GRPO, and the paper's ablations, in miniature. Every run starts from the same base model
-(tiny/model) on the built-in task and goes through the same loop (opsd.train) with the same budget: the same
-number of optimizer steps of 32 sequences each (OPSD: 32 problems x 1 rollout; GRPO: 4 problems x 8
-rollouts; SFT: 32 reference solutions, nothing generated). It records the held-out student accuracy against
-optimizer steps, generated tokens and training seconds, and writes every point (points.jsonl), a plot
-(compare.png) and a Markdown table with the token-efficiency ratio (compare.md).
+"""OPSD against SFT and GRPO on the built-in task and on its other-style variant, three seeds each, and the
+paper's ablations, in miniature. Every run goes through the same loop (opsd.train) with the same budget: the
+same number of optimizer steps of 32 sequences each (OPSD: 32 problems x 1 rollout; GRPO: 4 problems x 8
+rollouts; SFT: 32 reference solutions, nothing generated). The two tasks (data.py):
+  builtin        the references are in the base model's own style (tiny/model was trained on them)
+  builtin_other  the same problems, references "by another model": the answer first, the working after, in
+                 words; its base model (tiny/model_other) answers in its own style and reads the other one
+It records the held-out student accuracy (greedy, 200 problems) against optimizer steps, generated tokens and
+training minutes, and writes every point (points.jsonl), a plot (compare.png) and Markdown tables with the
+mean and spread over seeds (compare.md). Runs go two at a time, one CPU thread each (on 2 cores that does
+about 1.3x the work of one run on two threads; a run's minutes are then its own, on one thread).
 
-    python benchmarks/compare.py            # about 25 minutes on 2 CPU cores
-    python benchmarks/compare.py --quick    # every run for 2 steps: checks the script
+    python benchmarks/compare.py               # 18 runs: about 40 minutes on 2 CPU cores
+    python benchmarks/compare.py --ablations   # the paper's ablations and LoRA, builtin, seed 0 (about 25 minutes)
+    python benchmarks/compare.py --quick       # every run for 2 steps: checks the script
 """
 
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
-from contextlib import redirect_stdout
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # one line per run instead of eight progress bars
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
@@ -30,101 +39,135 @@ import torch  # noqa: E402
 
 from opsd import Config, train  # noqa: E402
 
-RUNS = {  # name: what differs from opsd.Config's defaults (JSD 0.5, fixed teacher, 32 problems, lr 1e-3)
+TASKS = {"builtin": str(ROOT / "tiny" / "model"), "builtin_other": str(ROOT / "tiny" / "model_other")}
+METHODS = {  # name: what differs from opsd.Config's defaults (JSD 0.5, fixed teacher, 32 problems, lr 1e-3)
     "OPSD": {},
     "SFT": {"method": "sft"},
     # GRPO's lr is its own: at OPSD's 1e-3 it collapsed within 20 steps (every group all wrong, no gradient
     # left), at 3e-4 it fell to 4-15%; 1e-4 was the best of the three (measured on 300-step runs).
     "GRPO (G=8)": {"method": "grpo", "group_size": 8, "batch_size": 4, "lr": 1e-4},
+}
+ABLATIONS = {
+    "OPSD": {},
     "OPSD, forward KL": {"beta": 0.0},
     "OPSD, reverse KL": {"beta": 1.0},
     "OPSD, forward KL, clip 0.05": {"beta": 0.0, "clip": 0.05},
     "OPSD, current weights as teacher": {"teacher_decay": 0.0},
     "OPSD, EMA teacher 0.99": {"teacher_decay": 0.99},
+    # the paper's v3 objective where the student starts close to its teacher: a LoRA on the base model
+    **{f"OPSD, LoRA r8, lr {lr}{name}": {"lora_rank": 8, "lora_alpha": 16.0, "lr": float(lr), **changes}
+       for lr in ("1e-3", "1e-4")
+       for name, changes in (("", {}), (", forward KL, clip 0.05", {"beta": 0.0, "clip": 0.05}))},
 }
 
 
-def run(name: str, changes: dict, args) -> list[dict]:
-    """Trains one run and returns its evaluations, each with the generated tokens and training seconds so far."""
-    out_dir = Path(args.out) / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    cfg = Config(out_dir=str(out_dir), steps=args.steps, eval_every=args.eval_every, eval_size=args.eval_size,
-                 save_every=args.steps, **changes)
-    with redirect_stdout(io.StringIO()):
-        train(cfg)
+def run(task: str, name: str, changes: dict, seed: int, args) -> list[dict]:
+    """Trains one run, in a worker process of its own on one thread, and returns its evaluations, each with the
+    generated tokens and training seconds so far."""
+    torch.set_num_threads(1)
+    out_dir = Path(args.out) / task / "".join(c for c in name.replace(" ", "_") if c.isalnum() or c in "_.") / str(seed)
+    metrics = out_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    if not (args.reuse and rows and rows[-1].get("step") == args.steps and "student_acc" in rows[-1]):
+        shutil.rmtree(out_dir, ignore_errors=True)
+        cfg = Config(model=TASKS[task], dataset=task, out_dir=str(out_dir), steps=args.steps, seed=seed,
+                     eval_every=args.eval_every, eval_size=args.eval_size, save_every=args.steps, **changes)
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # its table and progress bar
+            train(cfg)
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     points, tokens, seconds = [], 0, 0.0
-    for row in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()):
+    for row in rows:
         if "loss" in row:
             tokens, seconds = tokens + row["generated"], seconds + row["seconds"]
         else:
-            points.append({"run": name, "step": row["step"], "generated_tokens": tokens, "seconds": seconds,
-                           "student_acc": row["student_acc"], "teacher_acc": row["teacher_acc"]})
+            points.append({"task": task, "run": name, "seed": seed, "step": row["step"], "generated_tokens": tokens,
+                           "seconds": seconds, "student_acc": row["student_acc"], "teacher_acc": row["teacher_acc"]})
     return points
 
 
-def plot(runs: dict[str, list[dict]], path: Path, title: str):
-    """Held-out accuracy against optimizer steps and against generated tokens, one line per run."""
-    fig, (by_step, by_tokens) = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
-    for color, (name, points) in enumerate(runs.items()):
-        style = dict(color=f"C{color}", marker="o", linestyle="-" if name in ("OPSD", "SFT", "GRPO (G=8)") else ":")
-        by_step.plot([p["step"] for p in points], [p["student_acc"] for p in points], label=name, **style)
-        if name != "SFT":  # SFT generates nothing
-            by_tokens.plot([p["generated_tokens"] / 1000 for p in points], [p["student_acc"] for p in points], **style)
-    by_step.set(xlabel="optimizer step", ylabel="held-out student accuracy (greedy)")
-    by_tokens.set(xlabel="generated tokens (thousands; SFT generates none)")
-    by_step.legend(fontsize=8)
+def spread(values: list[float]) -> str:
+    """'mean' for one value, 'mean ± standard deviation' for several, in percent."""
+    mean = statistics.mean(values)
+    return f"{mean:.1%}" if len(values) == 1 else f"{mean:.1%} ± {statistics.stdev(values):.1%}"
+
+
+def table(points: list[dict], task: str) -> list[str]:
+    """One row per method: held-out accuracy at every evaluated step (mean ± sd over seeds), generated
+    tokens and training minutes (means)."""
+    runs = {p["run"]: None for p in points if p["task"] == task}
+    steps = sorted({p["step"] for p in points if p["task"] == task})
+    lines = ["| run | " + " | ".join(f"step {s}" for s in steps) + " | generated tokens | training minutes |",
+             "|---|" + "---|" * (len(steps) + 2)]
+    for name in runs:
+        mine = [p for p in points if p["task"] == task and p["run"] == name]
+        last = [p for p in mine if p["step"] == steps[-1]]
+        lines.append(f"| {name} | " + " | ".join(spread([p["student_acc"] for p in mine if p["step"] == s])
+                                                 for s in steps)
+                     + f" | {statistics.mean(p['generated_tokens'] for p in last):,.0f} | "
+                     f"{statistics.mean(p['seconds'] for p in last) / 60:.1f} |")
+    return lines
+
+
+def plot(points: list[dict], tasks: list[str], path: Path, title: str):
+    """Held-out accuracy against optimizer steps, one panel per task: the mean over seeds as a line, the
+    lowest and highest seed as a band."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        runs = list({p["run"]: None for p in points if p["task"] == task})
+        for color, name in enumerate(runs):
+            mine = [p for p in points if p["task"] == task and p["run"] == name]
+            steps = sorted({p["step"] for p in mine})
+            by_step = [[p["student_acc"] for p in mine if p["step"] == s] for s in steps]
+            ax.plot(steps, [statistics.mean(v) for v in by_step], marker="o", color=f"C{color}", label=name)
+            ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], color=f"C{color}", alpha=0.2)
+        ax.set(title=task, xlabel="optimizer step", ylabel="held-out student accuracy (greedy)")
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def tokens_to_reach(points: list[dict], accuracy: float) -> int | None:
-    return next((p["generated_tokens"] for p in points if p["student_acc"] >= accuracy), None)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every run")
     parser.add_argument("--eval_every", type=int, default=50)
     parser.add_argument("--eval_size", type=int, default=200, help="held-out problems per evaluation (greedy)")
-    parser.add_argument("--out", default="runs/compare", help="the runs, points.jsonl, compare.png, compare.md")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per run (--ablations: 1)")
+    parser.add_argument("--ablations", action="store_true", help="the ablations on builtin instead")
+    parser.add_argument("--out", default="", help="runs, points.jsonl, compare.png, compare.md (default: "
+                        "runs/compare, or runs/ablations)")
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time, one CPU thread each")
+    parser.add_argument("--only", default="", help="only the runs whose name contains this text")
+    parser.add_argument("--reuse", action="store_true", help="keep the runs that a stopped run of the same command "
+                        "finished (their metrics.jsonl ends with the last evaluation); run the others")
     parser.add_argument("--quick", action="store_true", help="2 steps per run, 4 held-out problems")
     args = parser.parse_args()
+    args.out = args.out or ("runs/ablations" if args.ablations else "runs/compare")
     if args.quick:
         args.steps, args.eval_every, args.eval_size = 2, 2, 4
-    started = time.time()
-    runs = {}
-    for name, changes in RUNS.items():
-        runs[name] = run(name, changes, args)
-        last = runs[name][-1]
-        print(f"{name:34} student {runs[name][0]['student_acc']:6.1%} -> {last['student_acc']:6.1%} "
-              f"(best {max(p['student_acc'] for p in runs[name]):.1%}), {last['generated_tokens']:>9,} tokens "
-              f"generated, {last['seconds'] / 60:4.1f} min", flush=True)
+    seeds = range(1 if args.ablations else args.seeds)
+    tasks, methods = (["builtin"], ABLATIONS) if args.ablations else (list(TASKS), METHODS)
+    methods = {name: changes for name, changes in methods.items() if args.only in name}
+    started, points = time.time(), []
+    jobs = [(task, name, changes, seed, args) for task in tasks for name, changes in methods.items() for seed in seeds]
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for (task, name, _, seed, _), mine in zip(jobs, pool.map(run, *zip(*jobs))):
+            points += mine
+            print(f"{task:13} {name:45} seed {seed}: student {mine[0]['student_acc']:6.1%} -> "
+                  f"{mine[-1]['student_acc']:6.1%}, {mine[-1]['generated_tokens']:>9,} tokens generated, "
+                  f"{mine[-1]['seconds'] / 60:4.1f} min", flush=True)
     out = Path(args.out)
-    (out / "points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in sum(runs.values(), [])))
-
-    plot(runs, out / "compare.png", f"tiny/model, built-in task, {args.steps} steps of 32 sequences each")
-
-    grpo = runs["GRPO (G=8)"]
-    grpo_best = max(p["student_acc"] for p in grpo)
-    lines = [f"`python benchmarks/compare.py`: {args.steps} steps per run, {args.eval_size} held-out problems, "
-             f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-             f"{time.strftime('%Y-%m-%d')}, {(time.time() - started) / 60:.0f} min in all.", "",
-             "| run | student at step 0 | best | final | generated tokens | training minutes | "
-             f"tokens to reach GRPO's best ({grpo_best:.1%}) |", "|---|---|---|---|---|---|---|"]
-    for name, points in runs.items():
-        reach = tokens_to_reach(points, grpo_best)
-        lines.append(f"| {name} | {points[0]['student_acc']:.1%} | {max(p['student_acc'] for p in points):.1%} | "
-                     f"{points[-1]['student_acc']:.1%} | {points[-1]['generated_tokens']:,} | "
-                     f"{points[-1]['seconds'] / 60:.1f} | {'never' if reach is None else f'{reach:,}'} |")
-    opsd_reach, grpo_reach = tokens_to_reach(runs["OPSD"], grpo_best), tokens_to_reach(grpo, grpo_best)
-    if opsd_reach is None:
-        lines += ["", f"OPSD never reached GRPO's best held-out accuracy ({grpo_best:.1%}) within the budget."]
-    elif opsd_reach == 0:
-        lines += ["", f"GRPO's best ({grpo_best:.1%}) is no better than the base model: no ratio to report."]
-    else:
-        lines += ["", f"To reach GRPO's best held-out accuracy ({grpo_best:.1%}), OPSD generated {opsd_reach:,} "
-                      f"tokens and GRPO {grpo_reach:,}: {grpo_reach / opsd_reach:.1f}x fewer for OPSD."]
+    (out / "points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
+    plot(points, tasks, out / "compare.png", f"{args.steps} steps of 32 sequences each, {len(seeds)} seed(s): "
+         "mean, and the lowest and highest seed")
+    lines = [f"`python benchmarks/compare.py{' --ablations' if args.ablations else ''}`: {args.steps} steps per "
+             f"run, {len(seeds)} seed(s), {args.eval_size} held-out problems, {platform.machine()}, "
+             f"{args.workers} runs at a time on {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+             f"{time.strftime('%Y-%m-%d')}, {(time.time() - started) / 60:.0f} min in all."]
+    for task in tasks:
+        teacher = [p["teacher_acc"] for p in points if p["task"] == task and p["step"] == 0 and p["run"] == "OPSD"]
+        lines += ["", f"**{task}** (held-out student accuracy, mean ± sd over seeds; the teacher with the "
+                      f"reference at step 0: {spread(teacher)})", ""] + table(points, task)
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines) + f"\n\nwrote {out / 'points.jsonl'}, {out / 'compare.png'}, {out / 'compare.md'}")
 

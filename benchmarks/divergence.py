@@ -1,17 +1,21 @@
-"""benchmarks/divergence.py: peak memory and time of the full-vocabulary divergence, three ways.
+"""benchmarks/divergence.py: peak memory and time of the full-vocabulary divergence, three (or four) ways.
 
 (a) eager: a TRL-style generalised JSD on materialised logits (two log-softmaxes, a stacked logsumexp
-    mixture, two F.kl_div), (b) opsd.divergence on materialised logits, (c) opsd.fused_divergence.
+    mixture, two F.kl_div), (b) opsd.divergence on materialised logits, (c) opsd.fused_divergence, and on
+    CUDA, when liger-kernel is installed, (d) its Triton fused linear JSD (LigerFusedLinearJSD).
 Each computes forward + backward of JSD(beta=0.5) from hidden states (N, H) and an LM head (V, H), so the
 head's matmuls and its gradient (V x H, 0.6 GB at H = 1024 in float32) count for all three. Every
 measurement runs in a process of its own; memory is the peak above what the inputs took (the process's
 resident set on the CPU, torch's allocator on CUDA). A variant that would not fit is skipped and said so.
 
-    python benchmarks/divergence.py            # V = 151,936, H = 1024 and 2048, N = 512 .. 8192 (about 20 min)
+    python benchmarks/divergence.py            # V = 151,936; CPU: H = 1024, 2048, N = 512 .. 8192 (about 20 min);
+                                               # CUDA, bf16: H = 2048, N = 1,024 .. 16,384
+    python benchmarks/divergence.py --device cuda    # the GPU rows only
     python benchmarks/divergence.py --quick    # small sizes, a few seconds each
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -69,6 +73,9 @@ def measure(variant: str, N: int, H: int, V: int, device: str, warmup: bool = Tr
     start = time.perf_counter()
     if variant == "fused":
         loss = fused_divergence(hidden, teacher_hidden, weight, mask, BETA)
+    elif variant == "liger":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+        loss = LigerFusedLinearJSD(jsd_beta=BETA)(hidden, weight, teacher_hidden, weight.detach())
     else:
         with torch.no_grad():
             teacher_logits = teacher_hidden @ weight.T  # (N, V)
@@ -96,6 +103,8 @@ def fits(N: int, V: int, device: str) -> bool:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="V = 32,000, H = 256, N = 256 and 512")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="one device only (default: the CPU, and CUDA "
+                        "if there is one)")
     parser.add_argument("--one", nargs=5, metavar=("VARIANT", "N", "H", "V", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -103,21 +112,25 @@ def main():
         print(json.dumps(measure(variant, int(N), int(H), int(V), device)))
         return
 
-    V, sizes, hiddens = (151_936, [512, 1024, 2048, 4096, 8192], [1024, 2048])
+    V, shapes = 151_936, {"cpu": ([1024, 2048], [512, 1024, 2048, 4096, 8192]),  # (hidden sizes, token counts)
+                          "cuda": ([2048], [1024, 2048, 4096, 8192, 16384])}
     if args.quick:
-        V, sizes, hiddens = 32_000, [256, 512], [256]
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        V, shapes = 32_000, {"cpu": ([256], [256, 512]), "cuda": ([256], [256, 512])}
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    liger = importlib.util.find_spec("liger_kernel") is not None
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
     print(f"V = {V:,}, JSD beta = {BETA}, forward + backward; {os.cpu_count()} CPU threads; {machine}; "
           f"torch {torch.__version__}")
-    print("device dtype     H      N | eager JSD          | opsd.divergence    | fused_divergence   | fused/eager")
+    print("device dtype     H      N | eager JSD          | opsd.divergence    | fused_divergence   | fused/eager"
+          + (" | Liger fused linear JSD" if liger and "cuda" in devices else ""))
     for device in devices:
         dtype = "bf16" if device == "cuda" else "float32"
-        for H in hiddens:
-            for N in sizes:
+        variants = ("eager", "plain", "fused") + (("liger",) if liger and device == "cuda" else ())
+        for H in shapes[device][0]:
+            for N in shapes[device][1]:
                 cells, results = [], {}
-                for variant in ("eager", "plain", "fused"):
-                    if variant != "fused" and not fits(N, V, device):
+                for variant in variants:
+                    if variant in ("eager", "plain") and not fits(N, V, device):
                         cells.append(f"{'does not fit':18}")
                         continue
                     done = subprocess.run([sys.executable, __file__, "--one", variant, str(N), str(H), str(V), device],
@@ -132,7 +145,8 @@ def main():
                 if "eager" in results and "fused" in results:
                     e, f = results["eager"], results["fused"]
                     ratio = f"mem {f['peak_gb'] / e['peak_gb']:.2f}x, time {f['seconds'] / e['seconds']:.2f}x"
-                print(f"{device:6} {dtype:7} {H:5d} {N:6d} | " + " | ".join(cells) + f" | {ratio}", flush=True)
+                cells.insert(3, f"{ratio:22}")
+                print((f"{device:6} {dtype:7} {H:5d} {N:6d} | " + " | ".join(cells)).rstrip(), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ paper's references are long).
 
     python benchmarks/real_shape.py                   # on a GPU; a step took 2 minutes on an H200 (see README)
     python benchmarks/real_shape.py --micro_batch_size 4 --no-gradient_checkpointing
+    python benchmarks/real_shape.py --fast_sampling   # rollouts with a static cache and a compiled decode step
     python benchmarks/real_shape.py --tiny            # a scaled-down shape on a CPU: checks the script
 """
 
@@ -70,6 +71,7 @@ def main():
     parser.add_argument("--micro_batch_size", type=int, default=8)
     parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--reference_tokens", type=int, default=1000, help="length of each reference solution")
+    parser.add_argument("--fast_sampling", action="store_true", help="rollouts through sampling.sample_fast")
     args = parser.parse_args()
     shape = TINY if args.tiny else QWEN3_1_7B
     rollout, batch_size = (16, 8) if args.tiny else (1024, 32)
@@ -99,7 +101,8 @@ def main():
                      max_new_tokens=rollout, temperature=1.1, top_p=0.95, top_k=20, beta=0.0, clip=0.05,
                      lora_rank=64, lora_alpha=128, lr=5e-6, lr_schedule="constant", grad_clip=0.1,
                      eval_every=args.steps,
-                     eval_size=4, save_every=args.steps, gradient_checkpointing=args.gradient_checkpointing)
+                     eval_size=4, save_every=args.steps, gradient_checkpointing=args.gradient_checkpointing,
+                     fast_sampling=args.fast_sampling)
         # The held-out evaluation (a random model scores nothing) is not what this measures: skipped.
         opsd.evaluate_both = lambda *args: {"student_acc": math.nan, "teacher_acc": math.nan}
         totals = {}  # seconds per phase over all steps
@@ -112,7 +115,8 @@ def main():
           f"bf16 on a GPU, LoRA r64, {cfg.batch_size} rollouts x "
           f"{rollout} tokens per step, micro-batch {cfg.micro_batch_size}, gradient checkpointing "
           f"{'on' if cfg.gradient_checkpointing else 'off'}, references of {args.reference_tokens} tokens, "
-          f"the divergence's {'fused' if steps[-1]['fused'] else 'plain'} path")
+          f"the divergence's {'fused' if steps[-1]['fused'] else 'plain'} path, the "
+          f"{'fast' if args.fast_sampling else 'plain'} sampler")
     print(f"step time {statistics.median(r['seconds'] for r in steps):.1f} s (median of {len(steps)}), "
           f"{statistics.median(r['tokens_per_s'] for r in steps):.0f} generated tokens/s, mean rollout "
           f"{statistics.mean(r['length'] for r in steps):.0f} tokens, peak memory "

@@ -1,6 +1,7 @@
-"""Generated tokens per second of the rollout sampler: opsd's plain loop (sampling.sample) against transformers'
-generate with its dynamic cache and with a static cache (which generate compiles itself on a GPU), on the same
-model, the same batch and the same prompts, greedy, so that all three should write the same tokens (counted).
+"""Generated tokens per second of the rollout sampler: opsd's plain loop (sampling.sample) and its fast path
+(fast=True: static cache, compiled decode step) against transformers' generate with its dynamic cache and with a
+static cache (which generate compiles itself on a GPU), on the same model, the same batch and the same prompts,
+greedy, so that all four should write the same tokens (counted).
 Each is run twice and the second run is timed: the first one warms up (and compiles). It prints the card.
 
     python benchmarks/sampler.py            # on a GPU: random weights in Qwen3-1.7B's shape, bf16, LoRA r64,
@@ -61,6 +62,8 @@ def main():
 
     methods = {"plain loop (sampling.sample)": lambda: sample(model, prompts, new_tokens, 0.0, eos_token_id=stops,
                                                               pad_token_id=pad),
+               "fast path (sample, fast=True)": lambda: sample(model, prompts, new_tokens, 0.0, eos_token_id=stops,
+                                                               pad_token_id=pad, fast=True),
                "generate, dynamic cache": lambda: generate("dynamic"),
                "generate, static cache": lambda: generate("static")}
     card = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({platform.processor() or 'unknown'})"

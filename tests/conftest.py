@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+import sampling
 from data import char_tokenizer
 
 if torch.cuda.is_available():  # the training tests run where load_model puts them; on a GPU, deterministically
@@ -74,3 +75,18 @@ def qwen3_dir(tmp_path_factory):
     make_model("qwen3", tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def compilations(monkeypatch):
+    """Makes sample_fast compile with a backend that counts the graphs dynamo hands it (and runs them as
+    they are, so the tests need no C++ compiler); yields the count."""
+    count = [0]
+
+    def counting_backend(graph, example_inputs):
+        count[0] += 1
+        return graph.forward
+    torch._dynamo.reset()
+    monkeypatch.setattr(sampling, "BACKEND", counting_backend)
+    yield count
+    torch._dynamo.reset()

@@ -63,11 +63,22 @@ def test_the_baselines_train_in_the_same_loop(model_dir, tmp_path, method, group
         assert all(r["generated"] > 0 and 0 <= r["zero_std_groups"] <= 1 for r in rows)
 
 
-def test_compare_benchmark_runs_every_method_quickly(tmp_path):
-    out = run("benchmarks/compare.py", "--quick", "--out", str(tmp_path))
-    assert "tokens to reach GRPO's best" in out and (tmp_path / "compare.png").stat().st_size > 10_000
+def test_compare_benchmark_runs_every_method_on_both_tasks_quickly(tmp_path):
+    out = run("benchmarks/compare.py", "--quick", "--seeds", "2", "--out", str(tmp_path))
+    assert "**builtin_other**" in out and "± " in out and (tmp_path / "compare.png").stat().st_size > 10_000
     points = [json.loads(line) for line in (tmp_path / "points.jsonl").read_text().splitlines()]
-    assert {p["run"] for p in points} == {"OPSD", "SFT", "GRPO (G=8)", "OPSD, forward KL", "OPSD, reverse KL",
-                                          "OPSD, forward KL, clip 0.05", "OPSD, current weights as teacher",
-                                          "OPSD, EMA teacher 0.99"}
+    assert {(p["task"], p["run"], p["seed"]) for p in points} == {
+        (task, name, seed) for task in ("builtin", "builtin_other") for name in ("OPSD", "SFT", "GRPO (G=8)")
+        for seed in (0, 1)}
     assert all(p["generated_tokens"] == 0 for p in points if p["run"] == "SFT")
+    assert all(p["generated_tokens"] > 0 for p in points if p["run"] != "SFT" and p["step"] > 0)
+
+
+def test_compare_benchmark_runs_the_ablations_quickly(tmp_path):
+    run("benchmarks/compare.py", "--quick", "--ablations", "--out", str(tmp_path))
+    points = [json.loads(line) for line in (tmp_path / "points.jsonl").read_text().splitlines()]
+    assert {p["task"] for p in points} == {"builtin"} and {p["run"] for p in points} == {
+        "OPSD", "OPSD, forward KL", "OPSD, reverse KL", "OPSD, forward KL, clip 0.05",
+        "OPSD, current weights as teacher", "OPSD, EMA teacher 0.99", "OPSD, LoRA r8, lr 1e-3",
+        "OPSD, LoRA r8, lr 1e-3, forward KL, clip 0.05", "OPSD, LoRA r8, lr 1e-4",
+        "OPSD, LoRA r8, lr 1e-4, forward KL, clip 0.05"}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from data import builtin_examples
+from data import builtin_examples, load_examples
 from evaluate import evaluate
 from sampling import load_model
 
@@ -23,12 +23,19 @@ def run(*args, cwd=ROOT):
     return done.stdout
 
 
-def test_the_shipped_base_model_copies_references_but_rarely_solves_alone():
-    """The demo's premise: a wide gap between the two contexts for OPSD to close."""
-    model, tokenizer = load_model(str(ROOT / "tiny" / "model"))
-    examples = builtin_examples("test", 200)
-    assert evaluate(model, tokenizer, examples, with_reference=True, max_new_tokens=40)["avg@1"] > 0.8
-    assert evaluate(model, tokenizer, examples, with_reference=False, max_new_tokens=40)["avg@1"] < 0.3
+@pytest.mark.parametrize("task", ["builtin", "builtin_other"])
+def test_the_shipped_base_models_copy_references_but_rarely_solve_alone(task, tmp_path):
+    """The premise of the demo and of its other-style variant: a wide gap between the two contexts for OPSD
+    to close; and both contexts write the model's own style ('a+b=r1, r1-c=r2. \\boxed{r2}'), whatever the
+    style of the reference the teacher reads."""
+    model, tokenizer = load_model(str(ROOT / "tiny" / ("model" if task == "builtin" else "model_other")))
+    examples = load_examples(task, "test", 200)
+    for with_reference, low, high in ((True, 0.8, 1.0), (False, 0.0, 0.3)):
+        out = tmp_path / f"{with_reference}.jsonl"
+        scores = evaluate(model, tokenizer, examples, with_reference, max_new_tokens=40, out_path=str(out))
+        assert low < scores["avg@1"] < high
+        texts = [json.loads(line)["completions"][0] for line in out.read_text().splitlines()]
+        assert sum(re.match(r"\d+[+-]\d+=\d+, ", text) is not None for text in texts) > 0.9 * len(texts)
 
 
 def test_evaluate_cli_on_a_local_model_and_file(model_dir, tmp_path):
@@ -64,10 +71,10 @@ def test_divergence_benchmark_runs_and_prints_its_table():
     assert len(rows) == 2 and all(line.count(" GB ") == 3 and "mem " in line for line in rows)
 
 
-def test_sampler_benchmark_compares_the_plain_loop_with_generate():
+def test_sampler_benchmark_compares_the_plain_loop_with_the_fast_path_and_generate():
     rows = [line for line in run("benchmarks/sampler.py", "--quick").splitlines() if "generated tokens/s" in line]
-    assert [row.split("  ")[0] for row in rows] == ["plain loop (sampling.sample)", "generate, dynamic cache",
-                                                   "generate, static cache"]
+    assert [row.split("  ")[0] for row in rows] == ["plain loop (sampling.sample)", "fast path (sample, fast=True)",
+                                                   "generate, dynamic cache", "generate, static cache"]
     assert all(row.endswith("rows identical to the plain loop's: 16/16") for row in rows)  # greedy: same tokens
 
 

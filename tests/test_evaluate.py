@@ -4,12 +4,14 @@ evaluation command line."""
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 import evaluate
-from data import extract_answer
+from data import builtin_examples, extract_answer
 from evaluate import grade, is_equivalent, pass_at_k, summarize, to_number
+from sampling import load_model
 
 
 PAIRS = [  # (prediction, gold, equal)
@@ -146,3 +148,16 @@ def test_the_cli_evaluates_a_papers_benchmark_as_the_paper_does(model_dir, tmp_p
     evaluate.main()
     assert "1 problems, the paper's prompt" in capsys.readouterr().out
     assert json.loads(out.read_text())["prompt"].startswith("1+1?\n\nPlease reason step by step")
+
+
+def test_fast_sampling_grades_the_same_completions_as_the_plain_loop(tmp_path, compilations):
+    """On the shipped tiny model, whose rows end at different steps: three batches, one compilation."""
+    model, tokenizer = load_model(str(Path(__file__).parent.parent / "tiny" / "model"), "float32")
+    examples = builtin_examples("test", 24)
+    for fast in (False, True):
+        evaluate.evaluate(model, tokenizer, examples, max_new_tokens=40, batch_size=8, fast=fast,
+                          out_path=str(tmp_path / f"{fast}.jsonl"))
+    plain, fast = ([json.loads(line) for line in (tmp_path / f"{f}.jsonl").read_text().splitlines()]
+                   for f in (False, True))
+    assert fast == plain and len({row["lengths"][0] for row in plain}) > 1
+    assert compilations[0] == 1

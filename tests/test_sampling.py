@@ -1,7 +1,11 @@
-"""The sampler against transformers' generate, and the two-context forward pass against one-at-a-time."""
+"""The sampler (plain and fast) against transformers' generate, and the two-context forward pass against
+one-at-a-time."""
 
+import pytest
 import torch
 
+from conftest import make_model
+from lora import add_lora, lora_layers
 from opsd import completion_logits
 from sampling import next_token, sample, stop_ids
 
@@ -97,3 +101,34 @@ def test_student_and_teacher_score_the_same_completion_tokens(model):
 def test_completion_logits_are_finite_with_heavy_padding(model):
     logits, _ = completion_logits(model, [[1] * 30, [2]], [[3], [4] * 20])
     assert torch.isfinite(logits).all()
+
+
+# The fast path (sampling.sample_fast): the same greedy tokens as the plain loop and generate, one compilation.
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_fast_greedy_equals_the_plain_loop_and_generate(kind, lora, tokenizer, compilations):
+    model = make_model(kind, tokenizer)
+    for weight in (p for p in model.parameters() if p.dim() == 2):  # large weights: each row writes a varied
+        torch.nn.init.normal_(weight, std=1.0)  # sequence (the default init repeats one token), so positions matter
+    if lora:
+        add_lora(model, 4, 8.0, ["q_proj", "v_proj", "down_proj"])
+        for layer in lora_layers(model):  # B is zero at first: give the adapters something to change
+            torch.nn.init.normal_(layer.lora_B, std=0.5)
+    free = sample(model, PROMPTS, 12, temperature=0)
+    eos = [free[1][5], free[3][8]]  # two stop ids
+    plain = sample(model, PROMPTS, 12, temperature=0, eos_token_id=eos, pad_token_id=0)
+    assert len(set(map(len, plain))) >= 3 and max(map(len, plain)) == 12  # rows end at different steps, or never
+    fast = sample(model, PROMPTS, 12, temperature=0, eos_token_id=eos, pad_token_id=0, fast=True)
+    assert fast == plain == [generate_alone(model, p, 12, eos) for p in PROMPTS]
+    assert sample(model, PROMPTS[::-1], 12, temperature=0, eos_token_id=eos, pad_token_id=0, fast=True) == plain[::-1]
+    assert compilations[0] == 1  # one decode graph for every step of both calls, however the rows finished
+
+
+def test_fast_sampling_is_reproducible_with_a_generator(tokenizer, compilations):
+    model = make_model("llama", tokenizer)
+
+    def draw(seed, **kwargs):
+        return sample(model, PROMPTS, 10, generator=torch.Generator().manual_seed(seed), fast=True, **kwargs)
+    assert draw(1) == draw(1) and draw(1) != draw(2)
+    assert draw(1, temperature=1.5, top_k=1) == draw(1, temperature=1.5, top_p=1e-6) == sample(model, PROMPTS, 10, 0)

@@ -253,3 +253,11 @@ def test_bf16_and_ema_runs_resume_exactly(model_dir, tmp_path, monkeypatch, chan
     train(small_config(model_dir, tmp_path / "resumed", resume=True, **settings))
     for folder in ("step_2", "step_2/teacher") if "teacher_decay" in changes else ("step_2",):
         assert_same_weights(weights(tmp_path / "resumed" / folder), weights(tmp_path / "straight" / folder))
+
+
+def test_fast_sampling_runs_through_training_and_evaluation(model_dir, tmp_path, compilations):
+    """With LoRA in bf16: the decode step compiles under autocast, with the adapters on and off."""
+    train(small_config(model_dir, tmp_path, fast_sampling=True, lora_rank=4, dtype="bfloat16"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert compilations[0] >= 1
+    assert all(row["generated"] > 0 and row["loss"] == row["loss"] for row in rows if "loss" in row)

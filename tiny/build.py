@@ -4,9 +4,13 @@ A 1M-parameter Llama-style model (4 layers, 128 wide, tied embeddings) with the 
 data.py, trained by supervised learning (cross-entropy) on the built-in task's reference solutions: half of
 the batches after the student's prompt, half after the teacher's. Trained briefly, it copies a reference
 that sits in its context but rarely solves a problem from the question alone: the gap OPSD closes.
-Deterministic (seeded, fixed step count); the result ships in the repo, so nobody has to run this.
+--other_style builds the base model of the 'builtin_other' variant (tiny/model_other) the same way, except
+that the references in the teacher's prompt are written in another style (data.py) while every target stays
+in the model's own style: it answers alone in its own style and reads the other style as a teacher.
+Deterministic (seeded, fixed step count); the results ship in the repo, so nobody has to run this.
 
-    python tiny/build.py     # about 18 minutes on 2 CPU cores
+    python tiny/build.py                  # about 18 minutes on 2 CPU cores
+    python tiny/build.py --other_style    # the same for tiny/model_other (47 minutes here beside other jobs)
 """
 
 import argparse
@@ -28,9 +32,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps of 32 problems")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "model"), help="where the model goes")
+    parser.add_argument("--other_style", action="store_true", help="references of the 'builtin_other' variant")
+    parser.add_argument("--out", default="", help="where the model goes (default: tiny/model or tiny/model_other)")
     parser.add_argument("--eval_every", type=int, default=250, help="held-out accuracy every this many steps")
     args = parser.parse_args()
+    out = args.out or str(Path(__file__).parent / ("model_other" if args.other_style else "model"))
 
     torch.manual_seed(0)
     tokenizer = char_tokenizer()
@@ -41,17 +47,18 @@ def main():
     model = LlamaForCausalLM(config)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    train_set, test_set = builtin_examples("train", 20_000), builtin_examples("test", 500)
+    train_set, references = (builtin_examples("train", 20_000, other_style=o) for o in (False, args.other_style))
+    test_set = builtin_examples("test", 500, other_style=args.other_style)  # train_set[i], references[i]: one problem
     rng = random.Random(0)
     for step in range(args.steps):
         if step % args.eval_every == 0 or step == args.steps - 1:
             student = evaluate(model, tokenizer, test_set, with_reference=False, max_new_tokens=40)["avg@1"]
             teacher = evaluate(model, tokenizer, test_set, with_reference=True, max_new_tokens=40)["avg@1"]
             print(f"step {step:5d}: student {student:.1%}, teacher {teacher:.1%}", flush=True)
-        batch = rng.sample(train_set, 32)
+        batch = rng.sample(range(len(train_set)), 32)
         prompt = teacher_prompt if step % 2 else student_prompt  # both contexts, in turn
-        prompts = [encode(prompt(ex, tokenizer), tokenizer) for ex in batch]
-        targets = [encode(ex.solution, tokenizer) + [tokenizer.eos_token_id] for ex in batch]
+        prompts = [encode(prompt(references[i], tokenizer), tokenizer) for i in batch]
+        targets = [encode(train_set[i].solution, tokenizer) + [tokenizer.eos_token_id] for i in batch]  # own style
         model.train()
         logits, mask = completion_logits(model, prompts, targets)  # (B, L, V), (B, L)
         loss = F.cross_entropy(logits[mask], pad_right(targets, model.device)[mask])
@@ -59,9 +66,9 @@ def main():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    print(f"wrote {args.out}")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
