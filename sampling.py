@@ -158,26 +158,28 @@ def decode_step(model, token, mask, position, cache_position, cache, noise, temp
 
 @functools.cache
 def compiled_decode_step(backend, cuda: bool):
-    """decode_step compiled once per process, whole (fullgraph: an unsupported op is an error, not a silent
-    slow path). On CUDA, mode reduce-overhead records it as a CUDA graph: one replay per token, no launches
-    from Python; LoRA adapters are inside the graph and cost no extra launches."""
+    """decode_step compiled whole (fullgraph: an unsupported op is an error, not a silent slow path), one graph
+    per batch size, prompt bucket, length and sampling setting (and LoRA adapters on or off). On CUDA, mode
+    reduce-overhead records each as a CUDA graph: one replay per token, no launches from Python; LoRA
+    adapters are inside the graph and cost no extra launches."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # default 8: an error
     return torch.compile(decode_step, backend=backend, mode="reduce-overhead" if cuda and backend == "inductor"
                          else None, fullgraph=True, dynamic=False)
 
 
 @functools.lru_cache(maxsize=4)
 def static_cache(model, batch_size: int, length: int) -> StaticCache:
-    """A KV cache of its final length, allocated once per model and shape (the last four are kept: rollouts,
-    and the student's and teacher's evaluations) and reset before each use: a CUDA graph needs its tensors at
-    fixed addresses."""
+    """A KV cache of its final length, allocated once per model and shape and reset before each use: a CUDA graph
+    needs its tensors at fixed addresses. The last four stay allocated (rollouts, the student's and the
+    teacher's evaluations), each at full length: static_cache.cache_clear() frees them."""
     return StaticCache(config=model.config, max_cache_len=length)
 
 
 @torch.no_grad()
 def sample_fast(model, prompts, max_new_tokens, temperature, top_p, top_k, stops, pad_token_id, generator):
     """`sample` with every decode step of the same shapes, compiled. Rows that finish keep running (their tokens
-    are cut off afterwards) so that the batch never changes shape; positions and the attention mask, allocated
-    at full length, are updated in place."""
+    are cut off afterwards) so that the batch never changes shape; the attention mask, allocated at full
+    length, and the positions are updated in place."""
     width = max(BUCKET, 1 << (max(map(len, prompts)) - 1).bit_length())  # the next power of two
     ids, prompt_mask = pad_left(prompts, pad_token_id or 0, model.device, width)  # (B, P)
     mask = F.pad(prompt_mask, (0, max_new_tokens))  # (B, P + N), 1 where a token is written
@@ -188,6 +190,7 @@ def sample_fast(model, prompts, max_new_tokens, temperature, top_p, top_k, stops
                    cache_position=torch.arange(width, device=model.device), logits_to_keep=1).logits[:, -1]
     token = next_token(logits, temperature, top_p, top_k, generator)[:, None]  # (B, 1), the prefill is not compiled
     step = compiled_decode_step(BACKEND, model.device.type == "cuda")
+    # (transformers 5.24 writes the cache at its own counter; cache_position, equal to it, marks the mask column)
     cache_position, position = torch.tensor([width], device=model.device), position[:, -1:] + 1
     stop_tensor = torch.tensor(stops, device=model.device)
     finished, tokens = torch.isin(token[:, 0], stop_tensor), [token]

@@ -165,7 +165,8 @@ def main():
              f"{args.workers} runs at a time on {os.cpu_count()} CPU cores, torch {torch.__version__}, "
              f"{time.strftime('%Y-%m-%d')}, {(time.time() - started) / 60:.0f} min in all."]
     for task in tasks:
-        teacher = [p["teacher_acc"] for p in points if p["task"] == task and p["step"] == 0 and p["run"] == "OPSD"]
+        first = next(iter(methods))  # every run of a task starts from the same base model
+        teacher = [p["teacher_acc"] for p in points if p["task"] == task and p["step"] == 0 and p["run"] == first]
         lines += ["", f"**{task}** (held-out student accuracy, mean ± sd over seeds; the teacher with the "
                       f"reference at step 0: {spread(teacher)})", ""] + table(points, task)
     (out / "compare.md").write_text("\n".join(lines) + "\n")

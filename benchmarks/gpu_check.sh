@@ -17,7 +17,7 @@ part() {  # part SECONDS COMMAND...: runs it, says so if it failed or ran out of
     local limit=$1; shift
     timeout "$limit" "$@" || echo "*** failed or out of time (${limit} s): $*"
 }
-part 90 python3 -m pytest -q -p no:cacheprovider tests/test_sampling.py tests/test_fused.py tests/test_lora.py
-part 170 python3 benchmarks/sampler.py --max_new_tokens 128
-part 170 python3 benchmarks/real_shape.py --steps 2 --no-gradient_checkpointing --fast_sampling
-part 100 python3 benchmarks/divergence.py --device cuda
+part 80 python3 -m pytest -q -p no:cacheprovider tests/test_sampling.py tests/test_fused.py tests/test_lora.py
+part 150 python3 benchmarks/sampler.py --max_new_tokens 128
+part 160 python3 benchmarks/real_shape.py --steps 2 --no-gradient_checkpointing --fast_sampling
+part 150 python3 benchmarks/divergence.py --device cuda

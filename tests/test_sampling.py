@@ -132,3 +132,11 @@ def test_fast_sampling_is_reproducible_with_a_generator(tokenizer, compilations)
         return sample(model, PROMPTS, 10, generator=torch.Generator().manual_seed(seed), fast=True, **kwargs)
     assert draw(1) == draw(1) and draw(1) != draw(2)
     assert draw(1, temperature=1.5, top_k=1) == draw(1, temperature=1.5, top_p=1e-6) == sample(model, PROMPTS, 10, 0)
+
+
+def test_fast_sampling_takes_more_shapes_than_dynamos_default_recompile_limit(tokenizer, compilations):
+    model = make_model("llama", tokenizer)
+    for batch_size in range(1, 11):  # ten batch sizes, one graph each: the default limit (8) would be an error
+        rows = sample(model, [PROMPTS[i % 4] for i in range(batch_size)], 3, temperature=0, fast=True)
+        assert rows == sample(model, [PROMPTS[i % 4] for i in range(batch_size)], 3, temperature=0)
+    assert compilations[0] == 10
