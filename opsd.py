@@ -18,7 +18,7 @@ Several GPUs: `torchrun --nproc_per_node=N opsd.py` splits each step's problems 
 Shapes: B rollouts, P prompt length, L completion length, V vocabulary, H hidden size, N completion
 tokens of a batch, C tokens per chunk of the fused divergence.
 
-    python opsd.py           # the built-in demo: tiny model, synthetic task, CPU, 7 to 15 minutes
+    python opsd.py           # the built-in demo: tiny model, synthetic task, CPU, 7 to 16 minutes
     python opsd.py --help    # every setting
 """
 
