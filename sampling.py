@@ -9,6 +9,7 @@ Leaves out: beam search, repetition penalties, speculative decoding, a paged cac
 Shapes: B prompts, P padded prompt length, V vocabulary.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -16,7 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
+import transformers
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lora import SETTINGS, load_adapters
 
@@ -81,23 +85,25 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: in
     filtered_logits."""
     if temperature == 0:
         return logits.argmax(-1)
-    return torch.multinomial(filtered_logits(logits, temperature, top_p, top_k).softmax(-1), 1,
-                             generator=generator).squeeze(-1)
+    logits, ids = filtered_logits(logits, temperature, top_p, top_k)  # (B, K), (B, K) or None
+    drawn = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1), a column of logits
+    return (drawn if ids is None else ids.gather(-1, drawn)).squeeze(-1)
 
 
-def filtered_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
-    """Logits (B, V) in float32 with temperature, top-k and top-p applied in that order (as transformers does):
-    the tokens left out get -inf."""
-    logits = logits.float() / temperature
+def filtered_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int):
+    """Logits in float32 with temperature, top-k and top-p applied in that order (as transformers does), the
+    tokens left out at -inf; and which token each column stands for. With top_k, only the k best are kept,
+    sorted: (B, k) logits and their ids (B, k), so that top-p sorts k logits, not V. Without: (B, V) and None."""
+    logits, ids = logits.float() / temperature, None
     if top_k > 0:
-        kth_best = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth_best, -math.inf)
+        logits, ids = logits.topk(min(top_k, logits.size(-1)))  # (B, k) each, best first
     if top_p < 1:
-        sorted_logits, order = logits.sort(-1, descending=True)  # (B, V)
+        sorted_logits, order = (logits, None) if ids is not None else logits.sort(-1, descending=True)  # (B, K)
         probs = sorted_logits.softmax(-1)
         outside = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, -math.inf))
-    return logits
+        sorted_logits = sorted_logits.masked_fill(outside, -math.inf)
+        logits = sorted_logits if order is None else logits.scatter(-1, order, sorted_logits)
+    return logits, ids
 
 
 @torch.no_grad()
@@ -107,17 +113,24 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: fl
     """One completion per prompt. Each ends after its first EOS (kept; eos_token_id is one id or a list of
     them, e.g. stop_ids) or at max_new_tokens. fast=True: sample_fast, the same tokens at temperature 0."""
     stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    if fast:
-        return sample_fast(model, prompts, max_new_tokens, temperature, top_p, top_k, stops, pad_token_id, generator)
+    if fast and slides(model):
+        warn_once(f"{type(model).__name__} has sliding-window layers: it samples on the plain loop (compiled, its "
+                  "decode step would recompile at every token)")
+    elif fast:
+        with packed_attention(model):
+            return sample_fast(model, prompts, max_new_tokens, temperature, top_p, top_k, stops, pad_token_id,
+                               generator)
     ids, attention_mask = pad_left(prompts, pad_token_id or 0, model.device)  # (B, P)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
     cache = DynamicCache(config=model.config)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
     stop_tensor = torch.tensor(stops, device=model.device)  # made once, not once per token
     tokens = []
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                        logits_to_keep=1).logits[:, -1]  # (B, V)
+        if t == 0:
+            check_cache_used(cache, ids.size(1))
         ids = next_token(logits, temperature, top_p, top_k, generator)[:, None]  # (B, 1)
         tokens.append(ids)
         if stops:
@@ -127,6 +140,15 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: fl
         attention_mask = F.pad(attention_mask, (0, 1), value=1)
         position_ids = position_ids[:, -1:] + 1
     return cut_after_stop(torch.cat(tokens, 1), stops)
+
+
+def check_cache_used(cache, width: int):
+    """After the prefill the cache must hold the prompt's width. If it is empty the model ignored it, and every
+    token would be predicted from itself alone: wrong samples and no error. (transformers before 5.24 calls the
+    keyword past_key_values and drops cache= silently.)"""
+    if int(cache.get_seq_length()) != width:
+        raise ValueError(f"the model did not fill its KV cache (transformers {transformers.__version__}; opsd "
+                         "passes cache=, which needs 5.24 or later): pip install 'transformers>=5.24,<6'")
 
 
 def cut_after_stop(tokens: torch.Tensor, stops: list[int]) -> list[list[int]]:
@@ -143,17 +165,52 @@ def cut_after_stop(tokens: torch.Tensor, stops: list[int]) -> list[list[int]]:
 BUCKET = 64  # prompts are left-padded to 64, 128, 256... tokens: a handful of compiled graphs, not one per length
 CHECK_EVERY = 16  # tokens between the checks whether every row is done: the loop's only waits for the GPU
 BACKEND = "inductor"  # torch.compile's backend; the tests count compilations with their own
+PACKED = "opsd_packed_sdpa"  # the attention the fast path gives a model that uses transformers' SDPA
+
+
+def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, except that a single query token attends with its grouped-query heads
+    packed, (B, H, 1, D) -> (B, H_kv, H / H_kv, D): the cache's keys and values are read once, never copied to
+    every query head. (transformers packs them only when not compiling; compiled, its repeat_kv copies the
+    whole static cache in every layer at every token.) The same arithmetic as transformers' uncompiled path."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.size(2) > 1 or groups == 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap") or (
+            attention_mask is not None and attention_mask.size(1) > 1):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    B, H, _, D = query.shape
+    out = F.scaled_dot_product_attention(query.reshape(B, H // groups, groups, D), key, value,
+                                         attn_mask=attention_mask, scale=scaling)  # (B, H_kv, H / H_kv, D)
+    return out.reshape(B, 1, H, value.size(-1)), None  # (B, 1, H, D): H_kv x groups is the head order
+
+
+AttentionInterface.register(PACKED, packed_sdpa)
+AttentionMaskInterface.register(PACKED, sdpa_mask)  # the same masks as SDPA
+
+
+@contextlib.contextmanager
+def packed_attention(model):
+    """A model that uses transformers' SDPA attends through packed_sdpa inside the block, and as before after it."""
+    sdpa = model.config._attn_implementation == "sdpa"
+    if sdpa:
+        model.set_attn_implementation(PACKED)
+    try:
+        yield
+    finally:
+        if sdpa:
+            model.set_attn_implementation("sdpa")
 
 
 def decode_step(model, token, mask, position, cache_position, cache, noise, temperature, top_p, top_k):
     """One token per row (B, 1) after token (B, 1), all shapes fixed. The draw is an exponential race,
-    argmax p / E with E ~ Exp(1), which draws from p: the noise comes from outside, so that a seeded generator
-    does not break the compiled graph."""
+    argmax p / E with E ~ Exp(1), which draws from p: the noise (B, K) comes from outside, so that a seeded
+    generator does not break the compiled graph."""
     logits = model(input_ids=token, attention_mask=mask, position_ids=position, cache=cache,
                    cache_position=cache_position, logits_to_keep=1).logits[:, -1]  # (B, V)
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    return (filtered_logits(logits, temperature, top_p, top_k).softmax(-1) / noise).argmax(-1, keepdim=True)
+    logits, ids = filtered_logits(logits, temperature, top_p, top_k)  # (B, K), (B, K) or None
+    drawn = (logits.softmax(-1) / noise).argmax(-1, keepdim=True)  # (B, 1)
+    return drawn if ids is None else ids.gather(-1, drawn)
 
 
 @functools.cache
@@ -175,11 +232,22 @@ def static_cache(model, batch_size: int, length: int) -> StaticCache:
     return StaticCache(config=model.config, max_cache_len=length)
 
 
+def slides(model) -> bool:
+    """Whether some layers attend over a sliding window (Mistral, Gemma 2 and 3): their static cache counts in a
+    Python int, so the compiled step would recompile at every token. Those models sample on the plain loop."""
+    config = model.config.get_text_config()
+    layers = getattr(config, "layer_types", None) or []
+    return "sliding_attention" in layers or (not layers and getattr(config, "sliding_window", None) is not None)
+
+
 @torch.no_grad()
 def sample_fast(model, prompts, max_new_tokens, temperature, top_p, top_k, stops, pad_token_id, generator):
     """`sample` with every decode step of the same shapes, compiled. Rows that finish keep running (their tokens
     are cut off afterwards) so that the batch never changes shape; the attention mask, allocated at full
-    length, and the positions are updated in place."""
+    length, and the positions are updated in place. Batches are padded with copies of their first prompt to a
+    power of two rows, so that the last, smaller batch of an evaluation runs the full batch's graph."""
+    rows = len(prompts)
+    prompts = prompts + prompts[:1] * ((1 << (rows - 1).bit_length()) - rows)
     width = max(BUCKET, 1 << (max(map(len, prompts)) - 1).bit_length())  # the next power of two
     ids, prompt_mask = pad_left(prompts, pad_token_id or 0, model.device, width)  # (B, P)
     mask = F.pad(prompt_mask, (0, max_new_tokens))  # (B, P + N), 1 where a token is written
@@ -188,22 +256,29 @@ def sample_fast(model, prompts, max_new_tokens, temperature, top_p, top_k, stops
     cache.reset()
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
                    cache_position=torch.arange(width, device=model.device), logits_to_keep=1).logits[:, -1]
+    check_cache_used(cache, width)
     token = next_token(logits, temperature, top_p, top_k, generator)[:, None]  # (B, 1), the prefill is not compiled
     step = compiled_decode_step(BACKEND, model.device.type == "cuda")
     # (transformers 5.24 writes the cache at its own counter; cache_position, equal to it, marks the mask column)
     cache_position, position = torch.tensor([width], device=model.device), position[:, -1:] + 1
     stop_tensor = torch.tensor(stops, device=model.device)
-    finished, tokens = torch.isin(token[:, 0], stop_tensor), [token]
+    finished, tokens = torch.isin(token[:rows, 0], stop_tensor), [token]
+    noise_shape = (len(prompts), min(top_k, logits.size(-1)) if top_k > 0 else logits.size(-1))  # (B, K)
     for t in range(1, max_new_tokens):
         if t % CHECK_EVERY == 0 and stops and finished.all():
             break
         mask.index_fill_(1, cache_position, 1)
-        noise = None if temperature == 0 else torch.empty_like(logits, dtype=torch.float32).exponential_(
-            generator=generator)  # (B, V)
+        noise = None if temperature == 0 else torch.empty(noise_shape, device=model.device).exponential_(
+            generator=generator)  # (B, K)
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may now be overwritten
         token = step(model, token, mask, position, cache_position, cache, noise, temperature, top_p, top_k).clone()
         tokens.append(token)
-        finished |= torch.isin(token[:, 0], stop_tensor)
+        finished |= torch.isin(token[:rows, 0], stop_tensor)
         cache_position += 1
         position += 1
-    return cut_after_stop(torch.cat(tokens, 1), stops)
+    return cut_after_stop(torch.cat(tokens, 1)[:rows], stops)
+
+
+@functools.cache
+def warn_once(message: str):
+    print(message)

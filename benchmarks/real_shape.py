@@ -6,12 +6,13 @@ step's time goes: sampling, the teacher's forward passes, the student's forward 
 optimizer (timed by wrapping opsd's functions here, so that opsd.py itself stays free of timers). A random
 model almost never samples its EOS, so every rollout runs to the limit: the worst case for time and memory.
 The prompts are the built-in problems with the reference solution padded to --reference_tokens (the
-paper's references are long).
+paper's references are long), handed to train directly (no data set file: `datasets` is not needed).
 
     python benchmarks/real_shape.py                   # on a GPU; a step took 2 minutes on an H200 (see README)
     python benchmarks/real_shape.py --micro_batch_size 4 --no-gradient_checkpointing
     python benchmarks/real_shape.py --fast_sampling   # rollouts with a static cache and a compiled decode step
     python benchmarks/real_shape.py --tiny            # a scaled-down shape on a CPU: checks the script
+    python benchmarks/real_shape.py --results r.jsonl # also appends the measurements as one JSON line
 """
 
 import argparse
@@ -29,14 +30,22 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import opsd  # noqa: E402
-from data import builtin_examples, char_tokenizer  # noqa: E402
+import sampling  # noqa: E402
+from data import Example, builtin_examples, char_tokenizer  # noqa: E402
 from opsd import Config, train  # noqa: E402
 
 QWEN3_1_7B = dict(vocab_size=151_936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40_960,
                   tie_word_embeddings=True)
-TINY = dict(QWEN3_1_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16)
+TINY = dict(QWEN3_1_7B, vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def record(path: str | None, row: dict):
+    """Appends row to the JSONL file at path (the GPU check's results), if one is given."""
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def timed(function, phase, totals):
@@ -72,7 +81,10 @@ def main():
     parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--reference_tokens", type=int, default=1000, help="length of each reference solution")
     parser.add_argument("--fast_sampling", action="store_true", help="rollouts through sampling.sample_fast")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of the fast sampler")
+    parser.add_argument("--results", help="append the measurements to this JSONL file")
     args = parser.parse_args()
+    sampling.BACKEND = args.backend
     shape = TINY if args.tiny else QWEN3_1_7B
     rollout, batch_size = (16, 8) if args.tiny else (1024, 32)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,13 +102,13 @@ def main():
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        data = Path(tmp) / "problems.jsonl"
-        with open(data, "w") as f:
-            for ex in builtin_examples("train", 400):
-                padding = "check: " + ex.solution.split(".")[0] + ". "  # one character, one token
-                long = padding * (args.reference_tokens // len(padding)) + ex.solution
-                f.write(json.dumps({"question": ex.question, "solution": long}) + "\n")
-        cfg = Config(model=tmp, dataset=str(data), out_dir=str(Path(tmp) / "run"), steps=args.steps,
+        problems = []
+        for ex in builtin_examples("train", 400):
+            padding = "check: " + ex.solution.split(".")[0] + ". "  # one character, one token
+            problems.append(Example(ex.question, padding * (args.reference_tokens // len(padding)) + ex.solution,
+                                    ex.answer))
+        opsd.load_data = lambda cfg: (problems[4:], problems[:4])
+        cfg = Config(model=tmp, out_dir=str(Path(tmp) / "run"), steps=args.steps,
                      batch_size=batch_size, micro_batch_size=min(args.micro_batch_size, batch_size),
                      max_new_tokens=rollout, temperature=1.1, top_p=0.95, top_k=20, beta=0.0, clip=0.05,
                      lora_rank=64, lora_alpha=128, lr=5e-6, lr_schedule="constant", grad_clip=0.1,
@@ -124,9 +136,15 @@ def main():
     totals["backward"] = totals.pop("train_step") - sum(totals.get(k, 0.0) for k in (
         "teacher forward", "student forward", "optimizer"))
     total = sum(totals.values())
+    split = {phase: totals.get(phase, 0.0) / total for phase in (
+        "sampling", "teacher forward", "student forward", "backward", "optimizer")}
     print(f"time split over all {len([r for r in rows if 'loss' in r])} steps (the first included): " + ", ".join(
-        f"{phase} {totals.get(phase, 0.0) / total:.0%}" for phase in (
-            "sampling", "teacher forward", "student forward", "backward", "optimizer")))
+        f"{phase} {share:.0%}" for phase, share in split.items()))
+    record(args.results, {"part": "step", "card": card, "fast_sampling": args.fast_sampling, "tiny": args.tiny,
+                          "first_step_s": next(r["seconds"] for r in rows if "loss" in r),
+                          "step_s": statistics.median(r["seconds"] for r in steps),
+                          "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps),
+                          "peak_memory_gb": max(r.get("peak_memory_gb", 0) for r in steps), "split": split})
 
 
 if __name__ == "__main__":

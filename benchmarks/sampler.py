@@ -1,93 +1,172 @@
-"""Generated tokens per second of the rollout sampler: opsd's plain loop (sampling.sample) and its fast path
-(fast=True: static cache, compiled decode step) against transformers' generate with its dynamic cache and with a
-static cache (which generate compiles itself on a GPU), on the same model, the same batch and the same prompts,
-greedy, so that all four should write the same tokens (counted).
-Each is run twice and the second run is timed: the first one warms up (and compiles). It prints the card.
+"""Generated tokens per second of the rollout sampler at the recipe's shape: opsd's fast path (sample,
+fast=True) and plain loop (sampling.sample), and what a user would pick instead: transformers' generate with its
+dynamic cache, its continuous batching (generate_batch) and generate with a static cache (which it compiles
+itself on a GPU). Each line is printed, and appended as JSON to --results, as soon as it is measured.
+The compiled methods are called twice at full length: the first call (compilation included) and the second,
+timed. The others, far slower per token on a GPU, are timed on --baseline_tokens after a short warm-up. Then a
+profile of one more fast call lists its top kernels.
+--check tests the fast path where it runs instead: greedy float32 tokens equal to the plain loop's, seeded
+draws reproducible, and the CUDA-graph fallbacks counted (gpu_check.sh sets TORCHINDUCTOR_CUDAGRAPH_OR_ERROR=1,
+so that a fallback to eager is an error, not a silent slow path).
 
-    python benchmarks/sampler.py            # on a GPU: random weights in Qwen3-1.7B's shape, bf16, LoRA r64,
-                                            # 32 prompts x 1,024 new tokens (a random model never stops early)
-    python benchmarks/sampler.py --quick    # the shipped tiny model on a CPU, 16 prompts x 40 tokens: seconds
+    python benchmarks/sampler.py          # GPU: random weights in Qwen3-1.7B's shape, bf16, LoRA r64 on every
+                                          # projection, 32 rollouts x 1,024 tokens at T 1.1, top-p 0.95, top-k 20
+    python benchmarks/sampler.py --check  # the correctness part, on a tiny Qwen3 in float32
+    python benchmarks/sampler.py --tiny --backend eager   # a tiny shape on a CPU: checks the script in seconds
 """
 
 import argparse
+import json
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sampling  # noqa: E402
 from data import builtin_examples, char_tokenizer, encode, student_prompt  # noqa: E402
-from lora import add_lora  # noqa: E402
-from real_shape import QWEN3_1_7B  # noqa: E402
-from sampling import load_model, pad_left, sample, stop_ids  # noqa: E402
+from lora import add_lora, lora_layers  # noqa: E402
+from real_shape import QWEN3_1_7B, TINY, record  # noqa: E402
+from sampling import pad_left, sample, stop_ids  # noqa: E402
+
+RECIPE = dict(temperature=1.1, top_p=0.95, top_k=20)  # the paper's rollout settings
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def until_stop(row: list[int], stops: list[int]) -> list[int]:
-    """A completion as sample returns it: up to and with its first stop id."""
-    ends = [i for i, token in enumerate(row) if token in stops]
-    return row[:ends[0] + 1] if ends else row
+def build(shape: dict, device: str, dtype, rank: int):
+    tokenizer = char_tokenizer()  # ids past its 104 tokens decode to nothing: fine for random rollouts
+    config = Qwen3Config(**shape, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(config).to(dtype).eval()
+    if rank:
+        add_lora(model, rank, 2.0 * rank, TARGETS)
+    return model, tokenizer
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def check(args, device: str) -> bool:
+    """The fast path on this device: tokens, reproducibility, CUDA-graph fallbacks."""
+    model, tokenizer = build(dict(TINY, vocab_size=512), device, torch.float32, rank=4)
+    for weight in (p for p in model.parameters() if p.dim() == 2):  # large weights: varied tokens, so that
+        torch.nn.init.normal_(weight, std=1.0)  # a wrong position or mask changes them (the default init repeats one)
+    for layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+    prompts = [[5, 9, 17, 40], [33, 2, 60, 61, 62, 70, 80, 12, 13], [44], [90, 91, 92, 93, 94, 95]]
+    plain = sample(model, prompts, 24, 0.0)
+    fast = sample(model, prompts, 24, 0.0, fast=True)
+
+    def draw(seed):
+        return sample(model, prompts, 24, **RECIPE, generator=torch.Generator(device).manual_seed(seed), fast=True)
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    row = {"part": "check", "device": device, "greedy_equal": fast == plain, "seeded_reproducible":
+           draw(1) == draw(1) and draw(1) != draw(2), "cudagraph_skips": skips}
+    row["ok"] = row["greedy_equal"] and row["seeded_reproducible"] and not (device == "cuda" and skips)
+    print(json.dumps(row), flush=True)
+    record(args.results, row)
+    return row["ok"]
+
+
+def methods(model, prompts, stops, pad):
+    """name -> (compiled, function of max_new_tokens that returns the completions)."""
+    ids, mask = pad_left(prompts, pad, model.device)  # (B, P), (B, P)
+
+    def generate(n, cache):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=True, **RECIPE,
+                             cache_implementation=cache, eos_token_id=stops, pad_token_id=pad)
+        return sampling.cut_after_stop(out[:, ids.size(1):], stops)
+
+    def generate_batch(n):
+        config = GenerationConfig(max_new_tokens=n, do_sample=True, **RECIPE, eos_token_id=stops, pad_token_id=pad)
+        return [o.generated_tokens for o in model.generate_batch(prompts, config).values()]
+    return {"fast path (sample, fast=True)": (True, lambda n: sample(model, prompts, n, **RECIPE, eos_token_id=stops,
+                                                                      pad_token_id=pad, fast=True)),
+            "plain loop (sampling.sample)": (False, lambda n: sample(model, prompts, n, **RECIPE, eos_token_id=stops,
+                                                                     pad_token_id=pad)),
+            "generate, dynamic cache": (False, lambda n: generate(n, "dynamic")),
+            "generate_batch (continuous batching)": (True, generate_batch),
+            "generate, static cache (compiled on CUDA)": (True, lambda n: generate(n, "static"))}
+
+
+def measure(name, compiled, run, new_tokens, baseline_tokens, device, results):
+    """Times one method, prints its line and records it; a method that fails says so and the others go on."""
+    try:
+        start = time.perf_counter()
+        run(new_tokens if compiled else 8)  # compiles, or warms up
+        sync(device)
+        first = time.perf_counter() - start
+        n = new_tokens if compiled else baseline_tokens
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        completions = run(n)
+        sync(device)
+        seconds = time.perf_counter() - start
+    except Exception as e:  # noqa: BLE001 (a benchmark column: report it and go on)
+        print(f"{name:42} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+        record(results, {"part": "rollouts", "method": name, "failed": f"{type(e).__name__}: {e}"[:500]})
+        return
+    tokens, steps = sum(map(len, completions)), max(map(len, completions))
+    row = {"part": "rollouts", "method": name, "first_call_s": first, "seconds": seconds, "new_tokens": n,
+           "tokens": tokens, "tokens_per_s": tokens / seconds, "ms_per_step": 1000 * seconds / steps,
+           "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    print(f"{name:42} first call {first:6.1f} s, then {seconds:6.2f} s for {tokens} tokens ({n} per row): "
+          f"{row['tokens_per_s']:7.0f} tokens/s, {row['ms_per_step']:6.2f} ms per decode step"
+          + (f", peak {row['peak_memory_gb']:.1f} GiB" if row["peak_memory_gb"] else ""), flush=True)
+    record(results, row)
+
+
+def profile(run, new_tokens, device, results):
+    """The kernels (or, on a CPU, the operators) that took the most time in one more call."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        run(new_tokens)
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:10]
+    top = [{"name": e.key[:80], "ms": getattr(e, key) / 1000, "calls": e.count} for e in events]
+    print("top of the fast path's profile:\n" + "\n".join(f"  {t['ms']:9.1f} ms {t['calls']:7d} x  {t['name']}"
+                                                         for t in top), flush=True)
+    record(results, {"part": "profile", "top": top})
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the tiny model, 16 x 40 tokens, on the CPU")
+    parser.add_argument("--check", action="store_true", help="the correctness part only")
+    parser.add_argument("--tiny", action="store_true", help="a tiny shape, for a CPU")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, default=1024)
+    parser.add_argument("--baseline_tokens", type=int, default=128, help="new tokens of the uncompiled methods")
     parser.add_argument("--lora_rank", type=int, default=64, help="adapters on every projection; 0: none")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of the fast path")
+    parser.add_argument("--results", help="append each measurement to this JSONL file")
     args = parser.parse_args()
-    if args.quick:
-        model, tokenizer = load_model("tiny/model", "float32")
-        batch_size, new_tokens, rank = 16, 40, 0
-    else:
-        tokenizer = char_tokenizer()  # ids past its 104 tokens decode to nothing: fine for random rollouts
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        config = Qwen3Config(**QWEN3_1_7B, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        with torch.device(device):
-            model = Qwen3ForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
-        batch_size, new_tokens, rank = args.batch_size, args.max_new_tokens, args.lora_rank
-        if rank:
-            add_lora(model, rank, 128.0, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".split(","))
-    model.eval()
-    prompts = [encode(student_prompt(ex, tokenizer), tokenizer) for ex in builtin_examples("test", batch_size)]
+    sampling.BACKEND = args.backend
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.check:
+        sys.exit(0 if check(args, device) else 1)
+    new_tokens, baseline_tokens = (16, 8) if args.tiny else (args.max_new_tokens, args.baseline_tokens)
+    model, tokenizer = build(TINY if args.tiny else QWEN3_1_7B, device,
+                             torch.bfloat16 if device == "cuda" else torch.float32, args.lora_rank)
+    batch = 4 if args.tiny else args.batch_size
+    prompts = [encode(student_prompt(ex, tokenizer), tokenizer) for ex in builtin_examples("test", batch)]
     stops, pad = stop_ids(model, tokenizer), tokenizer.pad_token_id
-    ids, mask = pad_left(prompts, pad, model.device)  # (B, P), (B, P)
-
-    def generate(cache):
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                             cache_implementation=cache, eos_token_id=stops, pad_token_id=pad)
-        return [until_stop(row, stops) for row in out[:, ids.size(1):].tolist()]
-
-    methods = {"plain loop (sampling.sample)": lambda: sample(model, prompts, new_tokens, 0.0, eos_token_id=stops,
-                                                              pad_token_id=pad),
-               "fast path (sample, fast=True)": lambda: sample(model, prompts, new_tokens, 0.0, eos_token_id=stops,
-                                                               pad_token_id=pad, fast=True),
-               "generate, dynamic cache": lambda: generate("dynamic"),
-               "generate, static cache": lambda: generate("static")}
-    card = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({platform.processor() or 'unknown'})"
-    print(f"{card}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads: {batch_size} prompts of "
-          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, up to {new_tokens} new tokens, greedy, "
-          f"{model.dtype}, " + (f"LoRA r{rank}" if rank else "no LoRA"))
-    results = {}
-    for name, run in methods.items():
-        with torch.no_grad():
-            run()  # warm-up (and, for a static cache on a GPU, compilation)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            completions = run()
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-        results[name] = (time.perf_counter() - start, completions)
-    plain_seconds, plain = next(iter(results.values()))
-    plain_rate = sum(map(len, plain)) / plain_seconds
-    for name, (seconds, completions) in results.items():
-        rate = sum(map(len, completions)) / seconds
-        same = sum(a == b for a, b in zip(completions, plain))
-        print(f"{name:30} {seconds:7.2f} s {rate:9.0f} generated tokens/s  {rate / plain_rate:5.2f}x the plain "
-              f"loop  rows identical to the plain loop's: {same}/{len(plain)}")
+    card = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or 'unknown'})"
+    print(f"{card}, torch {torch.__version__}: {batch} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} "
+          f"tokens, {new_tokens} new tokens at {RECIPE}, {model.dtype}, LoRA r{args.lora_rank} (random weights: the "
+          "rollouts run to the limit)", flush=True)
+    record(args.results, {"part": "rollouts", "card": card, "batch": batch, "new_tokens": new_tokens})
+    every = methods(model, prompts, stops, pad)
+    for name, (compiled, run) in every.items():
+        measure(name, compiled, run, new_tokens, baseline_tokens, model.device, args.results)
+    profile(every["fast path (sample, fast=True)"][1], new_tokens, model.device, args.results)
 
 
 if __name__ == "__main__":

@@ -109,3 +109,15 @@ def test_fused_sampled_token_loss_equals_the_reference(clip):
     torch.testing.assert_close(student.grad, ref_h, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(weight.grad, ref_w, atol=1e-10, rtol=1e-10)
     assert stats == pytest.approx(ref_stats, abs=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 products with float32 sums (out_dtype) need CUDA")
+def test_head_gradient_under_cuda_autocast_is_close_to_float32():
+    student, teacher, weight, _, mask = (t.detach().float().cuda().requires_grad_(t.requires_grad) if t.is_floating_point()
+                                         else t.cuda() for t in inputs(torch.float32, H=64, V=512))
+    ref = both(student, teacher, weight, None, mask, beta=0.0, chunk_size=4)[1]
+    with torch.autocast("cuda", torch.bfloat16):
+        got = both(student, teacher, weight, None, mask, beta=0.0, chunk_size=4)[1]
+    assert got[2].dtype == torch.float32
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)

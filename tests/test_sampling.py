@@ -4,10 +4,11 @@ one-at-a-time."""
 import pytest
 import torch
 
+import sampling
 from conftest import make_model
 from lora import add_lora, lora_layers
 from opsd import completion_logits
-from sampling import next_token, sample, stop_ids
+from sampling import PACKED, decode_step, next_token, packed_sdpa, sample, stop_ids
 
 PROMPTS = [[5, 9, 17, 40], [33, 2, 60, 61, 62, 70, 80, 12, 13], [44], [90, 91, 92, 93, 94, 95]]
 
@@ -136,7 +137,96 @@ def test_fast_sampling_is_reproducible_with_a_generator(tokenizer, compilations)
 
 def test_fast_sampling_takes_more_shapes_than_dynamos_default_recompile_limit(tokenizer, compilations):
     model = make_model("llama", tokenizer)
-    for batch_size in range(1, 11):  # ten batch sizes, one graph each: the default limit (8) would be an error
-        rows = sample(model, [PROMPTS[i % 4] for i in range(batch_size)], 3, temperature=0, fast=True)
-        assert rows == sample(model, [PROMPTS[i % 4] for i in range(batch_size)], 3, temperature=0)
+    for new_tokens in range(3, 13):  # ten cache lengths, one graph each: the default limit (8) would be an error
+        assert sample(model, PROMPTS, new_tokens, temperature=0, fast=True) == sample(model, PROMPTS, new_tokens, 0)
     assert compilations[0] == 10
+
+
+def test_a_smaller_last_batch_runs_the_full_batchs_graph(tokenizer, compilations):
+    model = make_model("llama", tokenizer)
+    for rows in (4, 3, 1):  # padded to 4, 4 and 1 rows
+        assert sample(model, PROMPTS[:rows], 6, 0, fast=True) == sample(model, PROMPTS[:rows], 6, 0)
+    assert compilations[0] == 2
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_model_that_ignores_its_cache_is_an_error_not_wrong_samples(fast, tokenizer, monkeypatch, compilations):
+    """transformers before 5.24 drops cache= into **kwargs: every token would be predicted from itself alone."""
+    model = make_model("llama", tokenizer)
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *args, cache=None, **kwargs: forward(*args, **kwargs))
+    with pytest.raises(ValueError, match=r"did not fill its KV cache \(transformers .*pip install"):
+        sample(model, PROMPTS, 4, temperature=0, fast=fast)
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model whose next-token logits are always the same, for the draw alone."""
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids, **kwargs):
+        return type("Output", (), {"logits": self.logits.expand(input_ids.size(0), 1, -1)})()
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.75), (4, 0.6)])
+def test_both_draws_follow_the_filtered_distribution(top_k, top_p):
+    probs = torch.tensor([0.05, 0.4, 0.02, 0.25, 0.15, 0.13])
+    logits = probs.log()[None]  # (1, V)
+    kept = torch.zeros(6, dtype=torch.bool)  # what top-k then top-p keep, by hand
+    order = probs.argsort(descending=True)[:top_k or 6]
+    mass = 0.0
+    for i in order.tolist():
+        if mass < top_p:
+            kept[i] = True
+        mass += probs[i] / probs[order].sum()
+    expected = torch.where(kept, probs, 0) / probs[kept].sum()
+    n, g = 20_000, torch.Generator().manual_seed(0)
+    plain = next_token(logits.expand(n, -1), 1.0, top_p, top_k, g)
+    noise = torch.empty(n, top_k or 6).exponential_(generator=g)
+    race = decode_step(FixedLogits(logits[None]), torch.zeros(n, 1, dtype=torch.long), None, None, None, None, noise,
+                       1.0, top_p, top_k)[:, 0]
+    for draws in (plain, race):
+        frequency = torch.bincount(draws, minlength=6) / n
+        assert torch.allclose(frequency, expected, atol=0.015), (frequency, expected)
+        assert not frequency[~kept].any()
+
+
+def test_packed_attention_reads_the_cache_once_and_equals_transformers(monkeypatch):
+    """Compiled, transformers' SDPA copies keys and values to every query head (repeat_kv); packed_sdpa never does,
+    and gives the same output."""
+    from transformers.integrations import sdpa_attention
+    g = torch.Generator().manual_seed(0)
+    module = type("Attention", (), {"num_key_value_groups": 3, "is_causal": True})()
+    query, key, value = (torch.randn(2, h, n, 8, generator=g) for h, n in ((6, 1), (2, 9), (2, 9)))
+    mask = torch.rand(2, 1, 1, 9, generator=g) > 0.3
+    expected, _ = sdpa_attention.sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    monkeypatch.setattr(sdpa_attention, "is_torchdynamo_compiling", lambda: True)
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda *a: pytest.fail("the cache was copied per head"))
+    with pytest.raises(pytest.fail.Exception):
+        sdpa_attention.sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    got, _ = packed_sdpa(module, query, key, value, mask, scaling=0.3)
+    torch.testing.assert_close(got, expected)
+
+
+def test_the_fast_path_leaves_training_forwards_unchanged(tokenizer, compilations):
+    model = make_model("qwen3", tokenizer)
+    before, _ = completion_logits(model, PROMPTS, COMPLETIONS)
+    forward = model.model.layers[0].self_attn.forward
+    model.model.layers[0].self_attn.forward = lambda *a, **k: (seen.append(model.config._attn_implementation),
+                                                               forward(*a, **k))[1]
+    seen = []
+    sample(model, PROMPTS, 3, temperature=0, fast=True)
+    assert set(seen) == {PACKED} and model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(completion_logits(model, PROMPTS, COMPLETIONS)[0], before, atol=0, rtol=0)
+
+
+def test_sliding_window_models_sample_on_the_plain_loop(tokenizer, compilations, capsys):
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=4)).eval()
+    sampling.warn_once.cache_clear()  # said once per process: make it this test's
+    assert sample(model, PROMPTS, 8, 0, fast=True) == sample(model, PROMPTS, 8, 0)
+    assert compilations[0] == 0 and "sliding-window layers: it samples on the plain loop" in capsys.readouterr().out
