@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -113,9 +114,9 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: fl
     """One completion per prompt. Each ends after its first EOS (kept; eos_token_id is one id or a list of
     them, e.g. stop_ids) or at max_new_tokens. fast=True: sample_fast, the same tokens at temperature 0."""
     stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    if fast and slides(model):
-        warn_once(f"{type(model).__name__} has sliding-window layers: it samples on the plain loop (compiled, its "
-                  "decode step would recompile at every token)")
+    if fast and slides(model):  # said once per process (a warning)
+        warnings.warn(f"{type(model).__name__} has sliding-window layers: it samples on the plain loop (compiled, "
+                      "its decode step would recompile at every token)")
     elif fast:
         with packed_attention(model):
             return sample_fast(model, prompts, max_new_tokens, temperature, top_p, top_k, stops, pad_token_id,
@@ -278,7 +279,3 @@ def sample_fast(model, prompts, max_new_tokens, temperature, top_p, top_k, stops
         position += 1
     return cut_after_stop(torch.cat(tokens, 1)[:rows], stops)
 
-
-@functools.cache
-def warn_once(message: str):
-    print(message)

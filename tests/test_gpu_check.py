@@ -12,13 +12,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_gpu_check_runs_every_part_in_its_cpu_mode(tmp_path):
     results = tmp_path / "results.jsonl"
     done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", str(results)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=1300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert not [r for r in rows if "failed" in r], [r for r in rows if "failed" in r]
     parts = {r["part"] for r in rows}
     assert parts == {"preflight", "check", "rollouts", "profile", "step", "divergence"}, parts
-    methods = {r["method"] for r in rows if "tokens_per_s" in r}
+    methods = {r["method"] for r in rows if r["part"] == "rollouts" and "tokens_per_s" in r}
     assert len(methods) == 5 and any(m.startswith("fast path") for m in methods), methods
     assert {r["variant"] for r in rows if r["part"] == "divergence"} == {"eager", "plain", "fused"}
     verdicts = done.stdout.split("=== goals\n")[1].splitlines()
