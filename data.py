@@ -115,12 +115,16 @@ def load_examples(source: str, split: str = "train", n: int | None = None, seed:
     if missing:
         raise ValueError(f"dataset {source!r} lacks the column(s) {missing}; it has {rows.column_names}. Name "
                          "the right ones with --question_column, --solution_column, --answer_column.")
+    if answer_column and answer_column == solution_column:
+        raise ValueError(f"the answer column {answer_column!r} is the solution column: the whole solution would be "
+                         "the answer. Leave --answer_column out to read it from the solution")
     examples = []
     for i, r in enumerate(rows.select(range(min(n or len(rows), len(rows))))):
-        answer = str(r[answer_column]) if answer_column else extract_answer(r.get(solution_column) or "")
+        cell = r[answer_column] if answer_column else None  # an empty cell: the answer in the solution, if any
+        answer = str(cell) if cell not in (None, "") else extract_answer(r.get(solution_column) or "")
         if answer is None:
-            raise ValueError(f"dataset {source!r}, row {i}: no answer column and no final answer (\\boxed{{}} "
-                             "or '####') in the solution: set --answer_column")
+            raise ValueError(f"dataset {source!r}, row {i}: no answer (no answer column, or an empty cell) and no "
+                             "final answer (\\boxed{} or '####') in the solution: set --answer_column or fix the row")
         examples.append(Example(r[question_column], r[solution_column] if solution_column else "", answer))
     return examples
 

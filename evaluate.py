@@ -2,8 +2,8 @@
 
 Owns: grading answers as mathematics rather than as strings (data.extract_answer reads them: the last
 \\boxed{...}, with fallbacks, or strictly as the paper does), the evaluation loop (avg@k, the paper's
-headline; pass@k; maj@k; completion lengths and truncation; one JSONL row per problem) and its command
-line, with the paper's benchmarks as presets.
+headline, and its standard errors; pass@k; maj@k; completion lengths and truncation; one JSONL row per
+problem) and its command line, with the paper's benchmarks as presets.
 Leaves out: general symbolic algebra (expressions in variables, equations, matrices: math_verify covers
 some of it where it is installed) and a fast inference engine (the sampler is sampling.sample).
 
@@ -19,6 +19,7 @@ import json
 import math
 import operator
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -181,10 +182,18 @@ def mean(values) -> float:
     return sum(values) / max(len(values), 1)
 
 
+def standard_error(values: list[float]) -> float | None:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+
+
 def summarize(rows: list[dict], k: int) -> dict:
-    """avg@k (the mean accuracy over all completions: the paper's headline), pass@j for j = 1, 2, 4, ..., k,
-    maj@k, the mean completion length in tokens and the fraction of completions cut off at the limit."""
-    scores = {"problems": len(rows), "samples": k, f"avg@{k}": mean([mean(r["correct"]) for r in rows])}
+    """avg@k (the mean accuracy over all completions: the paper's headline) and its standard errors over the
+    k samples (the spread of the k avg@1s: what a rerun with other seeds would move it by) and over the
+    problems (what other problems would), pass@j for j = 1, 2, 4, ..., k, maj@k, the mean completion length
+    in tokens and the fraction of completions cut off at the limit."""
+    scores = {"problems": len(rows), "samples": k, f"avg@{k}": mean([mean(r["correct"]) for r in rows]),
+              "se_samples": standard_error([mean([r["correct"][s] for r in rows]) for s in range(k)]),
+              "se_problems": standard_error([mean(r["correct"]) for r in rows])}
     for j in sorted({2 ** i for i in range(k.bit_length()) if 2 ** i <= k} | {k}):
         scores[f"pass@{j}"] = mean([pass_at_k(k, sum(r["correct"]), j) for r in rows])
     scores[f"maj@{k}"] = mean([r["majority_correct"] for r in rows])
@@ -232,7 +241,8 @@ def evaluate(model, tokenizer, examples: list[Example], with_reference: bool = F
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny/model", help="local path or hub name of the model")
+    parser.add_argument("--model", default="tiny/model", help="local path or hub name of the model; a run folder "
+                        "(or its `latest`): its newest checkpoint")
     parser.add_argument("--dataset", default="builtin", help="'builtin', 'builtin_other', a preset (" +
                         ", ".join(PRESETS) + "), a hub data set or a local JSON/JSONL/CSV/parquet file")
     parser.add_argument("--split", default="test", help="split of a hub data set (one with a single split uses it)")
@@ -240,7 +250,8 @@ def main():
     for column in ("question", "solution", "answer"):
         parser.add_argument(f"--{column}_column", default="", help=f"column of the {column}s (default: the preset's)")
     parser.add_argument("--with_reference", action="store_true", help="show the reference solution (teacher)")
-    parser.add_argument("--thinking", action="store_true", help="chat template with thinking on")
+    parser.add_argument("--thinking", action=argparse.BooleanOptionalAction, help="chat template thinking flag "
+                        "(default: as in training, the teacher's (on) with the reference, the student's (off) without)")
     parser.add_argument("--samples", type=int, default=1, help="completions per problem (k of avg@k)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top_p", type=float, default=1.0)
@@ -251,16 +262,22 @@ def main():
     parser.add_argument("--fast", action="store_true", help="a static cache and a compiled decode step (GPUs)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
-    parser.add_argument("--out", default=None, help="JSONL of every completion (default: runs/eval/DATASET.jsonl)")
+    parser.add_argument("--out", default=None, help="JSONL of every completion, and beside it the scores (default: "
+                        "runs/eval/MODEL_DATASET[_with_reference].jsonl)")
     args = parser.parse_args()
 
     paper = args.dataset in BENCHMARKS or args.dataset in (PRESETS[b][0] for b in BENCHMARKS)
-    out = args.out or f"runs/eval/{Path(args.dataset).stem}.jsonl"
+    run = Path(args.model).parent if Path(args.model).name == "latest" else Path(args.model)
+    if (run / "latest").is_file():  # a run folder: its newest checkpoint
+        args.model = str(run / (run / "latest").read_text().strip())
+    thinking = args.with_reference if args.thinking is None else args.thinking  # the teacher's or the student's
+    out = args.out or (f"runs/eval/{'_'.join(Path(args.model).parts[-2:])}_{Path(args.dataset).stem}"
+                       f"{'_with_reference' if args.with_reference else ''}.jsonl")
     try:  # bad input: one line that says what to do, no traceback, nothing written
         examples = load_examples(args.dataset, args.split, args.n, question_column=args.question_column,
                                  solution_column=args.solution_column, answer_column=args.answer_column)
         model, tokenizer = load_model(args.model, args.dtype, args.trust_remote_code)
-        scores = evaluate(model, tokenizer, examples, with_reference=args.with_reference, thinking=args.thinking,
+        scores = evaluate(model, tokenizer, examples, with_reference=args.with_reference, thinking=thinking,
                           samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                           out_path=out, progress=True, paper=paper, fast=args.fast)
@@ -269,10 +286,15 @@ def main():
     context = "with the reference" if args.with_reference else "the paper's prompt" if paper else "question alone"
     decoding = "greedy" if args.temperature == 0 else f"T {args.temperature}, top-p {args.top_p}, top-k {args.top_k}"
     print(f"{args.model} on {args.dataset}: {len(examples)} problems, {context}, {args.samples} completion(s) each "
-          f"({decoding}), up to {args.max_new_tokens} new tokens, thinking {'on' if args.thinking else 'off'}")
-    print(" | ".join(f"{key} {value:.1%}" for key, value in scores.items() if "@" in key))
+          f"({decoding}), up to {args.max_new_tokens} new tokens, thinking {'on' if thinking else 'off'}")
+    errors = [f"{scores[key]:.1%} over the {what}" for key, what in (("se_samples", f"{args.samples} samples"),
+              ("se_problems", "problems")) if scores[key] is not None]
+    errors = f" (standard error {', '.join(errors)})" if errors else ""
+    print(" | ".join(f"{key} {value:.1%}" + errors * key.startswith("avg@")
+                     for key, value in scores.items() if "@" in key))
+    Path(out).with_suffix(".scores.json").write_text(json.dumps(scores, indent=1))
     print(f"mean length {scores['mean_length']:.1f} tokens | truncated at the limit {scores['truncated']:.1%} | "
-          f"every completion: {out}")
+          f"every completion: {out}, the scores beside it")
 
 
 if __name__ == "__main__":

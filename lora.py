@@ -6,9 +6,10 @@ so that training starts exactly at the base model. OPSD's fixed teacher is then 
 adapters switched off (`adapters_off`): no second copy of the weights. The adapters are float32 whatever the
 model's dtype, and so are merged weights: at a small learning rate the update is about one bf16 step of W,
 and rounding W + (alpha / r) B A to bf16 would lose most of it.
-Owns: wrapping a model's linear layers, switching the adapters off, saving and loading the adapters with
-their settings and the name of their base model, merging them.
-Leaves out: dropout on the adapters, other adapter kinds (DoRA, IA3), quantised base weights.
+Owns: wrapping a model's linear layers (by default every one but the LM head), switching the adapters off,
+saving and loading the adapters with their settings and the name of their base model, merging them.
+Leaves out: dropout on the adapters, other adapter kinds (DoRA, IA3), quantised base weights, adapters on
+weights that are not linear layers (the batched experts of a mixture of experts: named at start, frozen).
 """
 
 import contextlib
@@ -17,14 +18,18 @@ import math
 from pathlib import Path
 
 import torch
+from transformers.pytorch_utils import Conv1D
+
+LINEAR = (torch.nn.Linear, Conv1D)  # GPT-2's Conv1D is a linear layer too, its weight stored as (in, out)
 
 
 class LoRALinear(torch.nn.Module):
-    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: torch.nn.Linear | Conv1D, rank: int, alpha: float):
         super().__init__()
         self.base, self.scale, self.enabled = base, alpha / rank, True
-        self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        out_features, in_features = base.weight.shape[::1 if isinstance(base, torch.nn.Linear) else -1]
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, in_features, device=base.weight.device))
+        self.lora_B = torch.nn.Parameter(torch.zeros(out_features, rank, device=base.weight.device))
         torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
 
     def forward(self, x):
@@ -34,23 +39,42 @@ class LoRALinear(torch.nn.Module):
         return y + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(y.dtype)
 
     def merged_weight(self) -> torch.Tensor:
-        return self.base.weight.float() + self.scale * self.lora_B @ self.lora_A  # float32: it keeps the update
+        update = self.scale * self.lora_B @ self.lora_A  # (out, in)
+        return self.base.weight.float() + (update if isinstance(self.base, torch.nn.Linear) else update.T)  # float32
 
 
 def add_lora(model, rank: int, alpha: float, targets: list[str]):
-    """Wraps every nn.Linear named in targets (q_proj, ...) in a LoRALinear and freezes all other weights."""
+    """Wraps every linear layer named in targets (q_proj, ...; "all": every one but the LM head) in a
+    LoRALinear and freezes all other weights. Says which weights cannot take adapters (not linear layers)."""
     model.requires_grad_(False)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if name in targets and isinstance(child, torch.nn.Linear):
-                setattr(parent, name, LoRALinear(child, rank, alpha))
-    if not lora_layers(model):
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ValueError(f"no linear layer is named {targets}; this model's are {names}: set --lora_targets")
+    head = model.get_output_embeddings()
+    layers = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+              if isinstance(child, LINEAR) and child is not head]
+    names = sorted({name for _, name, _ in layers})
+    if set(targets) - set(names) - {"all"} or not names:
+        raise ValueError(f"no linear layer is named {sorted(set(targets) - set(names))}; this model's are {names}: "
+                         "set --lora_targets (all: every one but the LM head)")
+    for parent, name, child in layers:
+        if name in targets or "all" in targets:
+            setattr(parent, name, LoRALinear(child, rank, alpha))
+    frozen = {n: p for n, p in model.named_parameters() if p.dim() > 1 and ".lora_" not in n
+              and not isinstance(model.get_submodule(n.rpartition(".")[0]), (*LINEAR, torch.nn.Embedding))}
+    if frozen:  # e.g. the experts of a mixture of experts, stored as one (experts, out, in) tensor
+        kinds = sorted({".".join(n.split(".")[-2:]) for n in frozen})
+        print(f"warning: {len(frozen)} weights ({sum(p.numel() for p in frozen.values()):,} parameters) are not "
+              f"linear layers, so they get no adapters and stay frozen: {', '.join(kinds)}")
 
 
 def lora_layers(model) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def describe_lora(model) -> str:
+    """One line: the kinds of layers with adapters, how many, and the trainable parameters."""
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"LoRA on {len(lora_layers(model))} layers ({', '.join(names)}): {trainable:,} trainable parameters, "
+            f"{trainable / sum(p.numel() for p in model.parameters()):.2%} of all")
 
 
 @contextlib.contextmanager

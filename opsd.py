@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from data import Example, encode, extract_answer, fit_prompts, load_examples, student_prompt, teacher_prompt
 from evaluate import evaluate, is_equivalent
-from lora import adapters_off, add_lora, load_adapters, lora_layers, merged_state_dict, save_adapters
+from lora import adapters_off, add_lora, describe_lora, load_adapters, lora_layers, merged_state_dict, save_adapters
+from plot import plot_run
 from sampling import load_model, pad_left, resolve_dtype, sample, stop_ids
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,6 +187,20 @@ def sampled_token_loss(student_logits, teacher_logits, completion_ids, mask, tem
 # ---------------------------------------------------------------------------------------------------------
 # 4. The loss of one batch of rollouts: OPSD's, and beside it the two baselines of the paper's comparison.
 
+def disable_dropout(model):
+    """Dropout off for good, as in the official code (TRL switches it off): student and teacher distributions
+    must differ by their contexts alone. Every dropout probability a module or its config holds (nn.Dropout,
+    OPT's float `dropout` and `layerdrop`, GPT-2's `attn_pdrop`...) becomes 0. Returns the model."""
+    for module in model.modules():
+        for owner in (module, getattr(module, "config", None)):
+            for name, value in list(getattr(owner, "__dict__", {}).items()):
+                if isinstance(value, float) and "drop" in name:
+                    setattr(owner, name, 0.0)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
 def opsd_loss(model, teacher, student_prompts, teacher_prompts, completions, beta=0.0, temperature=1.0, clip=None,
               fused=True, stats=None, sampled_token=False, base_teacher=False) -> torch.Tensor:
     """The OPSD loss of one batch: the per-token divergence D(p_T || p_S) of Eq. 7 at every completion token,
@@ -203,9 +218,8 @@ def opsd_loss(model, teacher, student_prompts, teacher_prompts, completions, bet
     with torch.no_grad(), adapters_off(teacher, base_teacher):
         teacher_out, _ = forward(teacher, teacher_prompts, completions)
     # The student scores the same tokens after its own prompt, with gradients. (Train mode only switches on
-    # gradient checkpointing: train() turns dropout off for good, disable_dropout, so that the two differ by
-    # their contexts alone.)
-    model.train()
+    # gradient checkpointing: dropout is off for good, so that the two differ by their contexts alone.)
+    disable_dropout(model).train()
     student_out, mask = forward(model, student_prompts, completions)
     completion_ids = pad_right(completions, model.device) if sampled_token else None  # (B, L)
     if not fused and not sampled_token:
@@ -220,7 +234,7 @@ def opsd_loss(model, teacher, student_prompts, teacher_prompts, completions, bet
 def sft_loss(model, student_prompts, references) -> torch.Tensor:
     """SFT: cross-entropy on the reference solutions from the student's prompt, -mean_n log p_S(y*_n).
     Off-policy: the student imitates tokens it did not write. No teacher."""
-    model.train()
+    disable_dropout(model).train()
     logits, mask = completion_logits(model, student_prompts, references)  # (B, L, V), (B, L)
     student_logp = token_log_probs(logits, pad_right(references, model.device))  # (B, L)
     return weighted_nll(student_logp, torch.ones_like(student_logp), mask)
@@ -237,7 +251,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 def grpo_loss(model, student_prompts, completions, advantages, temperature=1.0) -> torch.Tensor:
     """GRPO: -mean_n A log p_S(y_n), each rollout's tokens weighted by its advantage (group_advantages). One
     number per rollout, where OPSD has a distribution per token. No teacher."""
-    model.train()
+    disable_dropout(model).train()
     logits, mask = completion_logits(model, student_prompts, completions)  # (B, L, V), (B, L)
     student_logp = token_log_probs(logits, pad_right(completions, model.device), temperature)  # (B, L)
     return weighted_nll(student_logp, advantages[:, None].to(model.device), mask)
@@ -280,9 +294,10 @@ def train_step(model, teacher, optimizer, rollouts: Rollouts, cfg: "Config", lr:
         for p in optimizer.param_groups[0]["params"]:
             torch.distributed.all_reduce(p.grad)
     totals = dict(zip(totals, all_sum(list(totals.values()), model.device)))
-    if not math.isfinite(totals["loss"]):
-        raise FloatingPointError(f"the loss is {totals['loss']}: lower --lr or check the data (no step was taken)")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    bad = [f"the {key} is {value}" for key, value in totals.items() if not math.isfinite(value)]
+    if bad:  # before the optimizer step: the weights stay those of the last good step
+        raise FloatingPointError(f"{', '.join(bad)}: lower --lr or check the data (no step was taken)")
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
@@ -291,7 +306,7 @@ def train_step(model, teacher, optimizer, rollouts: Rollouts, cfg: "Config", lr:
         update_ema(teacher, model, cfg.teacher_decay)
     generated = 0 if cfg.method == "sft" else n_tokens
     return {**totals, "length": n_tokens / n_rollouts, "tokens": n_tokens, "generated": generated,
-            "grad_norm": grad_norm, "fused": fused}
+            "fused": fused}
 
 
 @torch.no_grad()
@@ -359,6 +374,11 @@ class FusedDivergence(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden)  # (M, H): rows that are not completion tokens get zero
         dtype = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 if given
         train_head = ctx.needs_input_grad[1]  # False for a frozen head (LoRA): no (V, H) gradient at all
+        # On CUDA in bf16 (autocast, or bf16 weights) the head's gradient takes bf16 products with float32 sums
+        # (addmm's out_dtype with a float32 result, torch >= 2.10); elsewhere float32 x float32
+        low = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else weight.dtype
+        product_dtype = low if (hidden.is_cuda and dtype == torch.float32 and low in (torch.bfloat16, torch.float16)
+                                and torch.__version__ >= (2, 10)) else None
         grad_weight = torch.zeros_like(weight, dtype=dtype) if train_head else None  # (V, H)
         sums = torch.zeros(3, dtype=dtype, device=hidden.device)  # loss, divergence, clipped mass
         for i in range(0, index.numel(), chunk_size):
@@ -381,8 +401,10 @@ class FusedDivergence(torch.autograd.Function):
             sums[0] += terms.sum()
             dz = g.sub_(student_logp.exp_().mul_(g.sum(-1, keepdim=True))).div_(temperature)  # (C, V): dL/dz
             grad_hidden[rows] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)  # (autocast may compute it in bf16)
-            if train_head:
-                grad_weight.addmm_(dz.T, h.to(dtype))  # summed in float32 (bf16 products under autocast)
+            if train_head and product_dtype:  # dL/dW += dz^T h: bf16 products on tensor cores, float32 sums
+                torch.addmm(grad_weight, dz.T.to(product_dtype), h.to(product_dtype), out_dtype=dtype, out=grad_weight)
+            elif train_head:  # float32 x float32 (an in-place matmul ignores autocast): exact, slow on a GPU
+                grad_weight.addmm_(dz.T, h.to(dtype))
         ctx.grads = grad_hidden, grad_weight.to(weight.dtype) if train_head else None
         return sums[0], sums[1], sums[2]
 
@@ -425,20 +447,27 @@ def lm_head(model) -> torch.nn.Module:
     return model.get_output_embeddings()
 
 
-@torch.no_grad()
 def logits_are_linear(model) -> bool:
-    """Whether the model's logits are hidden @ W.T for its LM head's W, as fused_divergence assumes: no bias,
-    no soft-capping, no logit scale. The config is asked about the known ones; the numbers are checked too,
-    on a few tokens, in the model's own dtype (the same matmul as its head's) to the dtype's precision."""
+    """Whether the logits are hidden @ W.T, as fused_divergence assumes (why_not_linear says why not)."""
+    return not why_not_linear(model)
+
+
+@torch.no_grad()
+def why_not_linear(model) -> str:
+    """Why the model's logits are not hidden @ W.T for its LM head's W, as fused_divergence assumes ("" if
+    they are): a bias, soft-capping, a logit scale. The config is asked about the known ones; the numbers are
+    checked too, on a few tokens, in the model's own dtype (the same matmul as its head's) to its precision."""
     head = lm_head(model)
-    rescaled = any(getattr(model.config, name, None) not in (None, 1.0)
-                   for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    rescaled = [f"{name} = {getattr(model.config, name)}" for name in ("final_logit_softcapping", "logit_scale",
+                "logits_scaling") if getattr(model.config, name, None) not in (None, 1.0)]
     if rescaled or not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        return False
+        return ", ".join(rescaled) or ("its LM head has a bias" if isinstance(head, torch.nn.Linear) else
+                                       f"its LM head is a {type(head).__name__}")
     ids = torch.arange(min(16, model.config.vocab_size), device=model.device)[None]  # (1, 16)
     linear = F.linear(model.base_model(input_ids=ids).last_hidden_state, head.weight).float()  # (1, 16, V)
     logits = model(input_ids=ids).logits.float()  # (1, 16, V)
-    return bool((logits - linear).abs().max() <= torch.finfo(head.weight.dtype).eps * (1 + logits.abs().max()))
+    linear = (logits - linear).abs().max() <= torch.finfo(head.weight.dtype).eps * (1 + logits.abs().max())
+    return "" if linear else "its forward rescales them"
 
 
 # =========================================================================================================
@@ -465,6 +494,7 @@ class Config:
                                 "solution: its last \\boxed{} or what follows '####')")
     eval_dataset: str = option("", "held-out problems to evaluate on (default: the built-in task's test split, or "
                                "eval_size problems of --dataset kept out of training)")
+    eval_columns: str = option("", "--eval_dataset's question,solution,answer columns (default: its preset's)")
     max_prompt_tokens: int = option(2048, "longest prompt: a longer reference solution is cut in its middle, a "
                                     "problem that still does not fit is skipped (both counted)")
     out_dir: str = option("runs/opsd", "where metrics.jsonl and the checkpoints go")
@@ -498,8 +528,8 @@ class Config:
     # LoRA: low-rank adapters on the named linear layers; only they train
     lora_rank: int = option(0, "adapter rank; 0 trains every weight instead (paper: 64)")
     lora_alpha: float = option(128.0, "the adapters' update is alpha / rank * B A (paper: 128)")
-    lora_targets: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                               "names of the linear layers that get adapters (paper: all projections)")
+    lora_targets: str = option("all", "names of the linear layers that get adapters, e.g. q_proj,v_proj; all: every "
+                               "one but the LM head (paper: all projections)")
     save_merged: bool = option(False, "with LoRA, checkpoints also hold the merged weights in float32, which load "
                                "with from_pretrained (load_model loads the base model plus the adapters without them)")
     gradient_checkpointing: bool = option(False, "recompute activations during backward: less memory, slower")
@@ -605,7 +635,9 @@ def find_checkpoint(out: Path, cfg: Config) -> Path | None:
     """The checkpoint that --resume continues from (None for a new run), after checking the settings agree."""
     if (out / "latest").exists() and not cfg.resume:
         raise FileExistsError(f"{out} holds a run already: pass --resume to continue it, or another --out_dir")
-    if not (cfg.resume and (out / "latest").exists()):
+    if cfg.resume and not (out / "latest").exists():
+        raise FileNotFoundError(f"--resume: {out} holds no checkpoint to continue: leave --resume out to start afresh")
+    if not cfg.resume:
         return None
     checkpoint = out / (out / "latest").read_text()
     saved = json.loads((checkpoint / "opsd_config.json").read_text())
@@ -671,11 +703,12 @@ def build_models(cfg: Config, checkpoint: Path | None):
     if lora_layers(model) and not checkpoint:
         raise ValueError(f"{cfg.model} is a LoRA checkpoint of opsd: train from its base model, or continue its "
                          "run with --resume and that run's --out_dir")
-    disable_dropout(model)
     if lora and checkpoint:  # a resumed run: the adapters it saved, on the base weights
         load_adapters(model, checkpoint)
     elif lora:  # only the adapters train
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
+    if lora:
+        print(describe_lora(model))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora or cfg.teacher_decay == 0 or cfg.method != "opsd":  # the baselines only evaluate it
@@ -696,16 +729,6 @@ def build_models(cfg: Config, checkpoint: Path | None):
     return model, teacher, tokenizer, optimizer, start
 
 
-def disable_dropout(model):
-    """Dropout off for good, as in the official code (TRL switches it off): student and teacher distributions
-    must differ by their contexts alone. Train mode stays, for gradient checkpointing."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):  # attention that reads a float
-            module.attention_dropout = 0.0
-
-
 def load_data(cfg: Config) -> tuple[list[Example], list[Example]]:
     """The training and held-out problems (loaded before the model, so that a bad data set fails fast)."""
     columns = dict(question_column=cfg.question_column, solution_column=cfg.solution_column,
@@ -714,9 +737,16 @@ def load_data(cfg: Config) -> tuple[list[Example], list[Example]]:
     if not all(ex.solution for ex in train_set):
         raise ValueError(f"{cfg.dataset} has problems without a reference solution, which the teacher needs: "
                          "name its column with --solution_column")
-    if cfg.eval_dataset or cfg.dataset in ("builtin", "builtin_other"):  # the built-in task has a test split
-        test_set = load_examples(cfg.eval_dataset or cfg.dataset, "test", cfg.eval_size, cfg.seed, **columns)
+    if cfg.eval_dataset:  # its own columns: question,solution,answer
+        eval_columns = dict(zip(columns, (cfg.eval_columns.split(",") + ["", ""])[:3]))
+        test_set = load_examples(cfg.eval_dataset, "test", cfg.eval_size, cfg.seed, **eval_columns)
+    elif cfg.dataset in ("builtin", "builtin_other"):  # the built-in task has a test split
+        test_set = load_examples(cfg.dataset, "test", cfg.eval_size, cfg.seed)
     else:  # a fixed random eval_size problems of the data set, kept out of training
+        if len(train_set) < cfg.eval_size + cfg.batch_size:
+            raise ValueError(f"{cfg.dataset} has {len(train_set)} problems: eval_size={cfg.eval_size} held out "
+                             f"leave fewer than batch_size={cfg.batch_size} to train on. Lower --eval_size or "
+                             "pass --eval_dataset")
         random.Random(0).shuffle(train_set)
         train_set, test_set = train_set[cfg.eval_size:], train_set[:cfg.eval_size]
     return train_set, test_set
@@ -734,6 +764,11 @@ def fit_to_context(cfg: Config, model, tokenizer, train_set, test_set) -> tuple[
     if len(train_set) < cfg.batch_size or not test_set:
         raise ValueError(f"{len(train_set)} training and {len(test_set)} held-out problems fit in {limit} prompt "
                          f"tokens: at least batch_size={cfg.batch_size} and 1 are needed")
+    if cfg.method == "sft":  # its completions are the references, cut at max_new_tokens (+ 1: the EOS)
+        lengths = map(len, tokenizer([ex.solution for ex in train_set], add_special_tokens=False).input_ids)
+        if cut := sum(n + 1 > cfg.max_new_tokens for n in lengths):
+            print(f"warning: {cut} of {len(train_set)} reference solutions are cut at max_new_tokens="
+                  f"{cfg.max_new_tokens}: SFT learns their beginnings only (raise --max_new_tokens)")
     if tokenizer.chat_template is None:
         print(f"{cfg.model} has no chat template: the prompts are plain text and the thinking flags do nothing")
     return train_set, test_set
@@ -749,10 +784,11 @@ def train(cfg: Config) -> list[dict]:
     print(json.dumps(asdict(cfg), indent=1))
     model, teacher, tokenizer, optimizer, start = build_models(cfg, checkpoint)
     train_set, test_set = fit_to_context(cfg, model, tokenizer, train_set, test_set)
-    fused = cfg.method == "opsd" and cfg.fused and logits_are_linear(model)
+    why = why_not_linear(model) if cfg.method == "opsd" and cfg.fused else ""
+    fused = cfg.method == "opsd" and cfg.fused and not why
     if cfg.method == "opsd":
         print(f"the divergence takes the {'fused' if fused else 'plain'} path" + (
-            ": this model's logits are not hidden @ W.T (a bias, soft-capping...)" if cfg.fused and not fused else ""))
+            f": this model's logits are not hidden @ W.T ({why})" if why else ""))
     out.mkdir(parents=True, exist_ok=True)  # nothing is written before the settings, model and data are sound
     metrics_path = out / "metrics.jsonl" if rank == 0 else Path(os.devnull)  # torchrun: rank 0 alone logs
     rows = map(json.loads, metrics_path.read_text().splitlines()) if checkpoint else []
@@ -809,7 +845,8 @@ def train(cfg: Config) -> list[dict]:
 
 
 def summarize_run(metrics_path: Path, problems: int, t0: float) -> list[dict]:
-    """Prints the table of held-out accuracies, and returns them."""
+    """Prints the table of held-out accuracies and draws the run's curves beside metrics.jsonl (plot.py);
+    returns the accuracies."""
     evals = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "student_acc" in r]
     print("\n  step | student, question alone | teacher, with reference")
     for r in evals:
@@ -817,6 +854,10 @@ def summarize_run(metrics_path: Path, problems: int, t0: float) -> list[dict]:
     first, last, minutes = evals[0], evals[-1], (time.time() - t0) / 60
     print(f"student accuracy {first['student_acc']:.1%} -> {last['student_acc']:.1%} on {problems} held-out "
           f"problems (teacher with reference {last['teacher_acc']:.1%}), {minutes:.1f} min")
+    try:
+        print(f"curves: {plot_run(metrics_path.parent)}")
+    except ImportError as e:  # matplotlib is optional: the run itself is done
+        print(e)
     return evals
 
 

@@ -60,6 +60,9 @@ def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool =
                          "be in the local cache; or pass a local folder)") from None
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer of {name_or_path!r} has no eos token: rollouts could never end. Set one.")
+    if len(tokenizer) > (rows := model.get_input_embeddings().num_embeddings):  # else an IndexError mid-run
+        raise ValueError(f"the tokenizer of {name_or_path!r} has {len(tokenizer)} tokens, the model's embedding "
+                         f"{rows}: resize it (model.resize_token_embeddings(len(tokenizer))) and save it")
     if tokenizer.pad_token_id is None:  # only a filler: masks come from lengths, never from the pad id
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -92,9 +95,10 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: in
 
 
 def filtered_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int):
-    """Logits in float32 with temperature, top-k and top-p applied in that order (as transformers does), the
-    tokens left out at -inf; and which token each column stands for. With top_k, only the k best are kept,
-    sorted: (B, k) logits and their ids (B, k), so that top-p sorts k logits, not V. Without: (B, V) and None."""
+    """Logits in float32 with temperature, top-k and top-p applied in that order (as transformers does, except
+    that a tie with the k-th best is not kept), the tokens left out at -inf; and which token each column
+    stands for. With top_k, only the k best are kept, sorted: (B, k) logits and their ids (B, k), so that
+    top-p sorts k logits, not V. Without: (B, V) and None."""
     logits, ids = logits.float() / temperature, None
     if top_k > 0:
         logits, ids = logits.topk(min(top_k, logits.size(-1)))  # (B, k) each, best first
@@ -149,7 +153,8 @@ def check_cache_used(cache, width: int):
     keyword past_key_values and drops cache= silently.)"""
     if int(cache.get_seq_length()) != width:
         raise ValueError(f"the model did not fill its KV cache (transformers {transformers.__version__}; opsd "
-                         "passes cache=, which needs 5.24 or later): pip install 'transformers>=5.24,<6'")
+                         "passes cache=, which needs 5.24 or later, and a model's own code, trust_remote_code, "
+                         "may take only past_key_values): pip install 'transformers>=5.24,<6'")
 
 
 def cut_after_stop(tokens: torch.Tensor, stops: list[int]) -> list[list[int]]:
@@ -180,7 +185,7 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     B, H, _, D = query.shape
     out = F.scaled_dot_product_attention(query.reshape(B, H // groups, groups, D), key, value,
-                                         attn_mask=attention_mask, scale=scaling)  # (B, H_kv, H / H_kv, D)
+                                         attn_mask=attention_mask, dropout_p=dropout, scale=scaling)  # (B, H_kv, H / H_kv, D)
     return out.reshape(B, 1, H, value.size(-1)), None  # (B, 1, H, D): H_kv x groups is the head order
 
 
@@ -246,7 +251,8 @@ def sample_fast(model, prompts, max_new_tokens, temperature, top_p, top_k, stops
     """`sample` with every decode step of the same shapes, compiled. Rows that finish keep running (their tokens
     are cut off afterwards) so that the batch never changes shape; the attention mask, allocated at full
     length, and the positions are updated in place. Batches are padded with copies of their first prompt to a
-    power of two rows, so that the last, smaller batch of an evaluation runs the full batch's graph."""
+    power of two rows: with a batch size that is one (32 by default), the last, smaller batch of an evaluation
+    runs the full batch's graph."""
     rows = len(prompts)
     prompts = prompts + prompts[:1] * ((1 << (rows - 1).bit_length()) - rows)
     width = max(BUCKET, 1 << (max(map(len, prompts)) - 1).bit_length())  # the next power of two

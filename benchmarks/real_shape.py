@@ -119,6 +119,9 @@ def main():
         opsd.evaluate_both = lambda *args: {"student_acc": math.nan, "teacher_acc": math.nan}
         totals = {}  # seconds per phase over all steps
         time_the_phases(totals)
+        train_step = opsd.train_step  # a row as each step ends: a run out of time still says how far it got
+        opsd.train_step = lambda *a, **k: (stats := train_step(*a, **k), record(args.results, {
+            "part": "step_progress", "seconds_so_far": dict(totals)}))[0]
         train(cfg)
         rows = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r][1:] or [r for r in rows if "loss" in r]  # the first step warms up

@@ -5,10 +5,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_model
 from test_cli import run
 from test_train import small_config
 
-from opsd import divergence, group_advantages, sampled_token_loss, token_log_probs, train, weighted_nll
+from data import Example
+from opsd import (Config, divergence, fit_to_context, group_advantages, sampled_token_loss, token_log_probs, train,
+                  weighted_nll)
 
 
 def test_grpo_advantages_on_hand_made_groups():
@@ -61,6 +64,15 @@ def test_the_baselines_train_in_the_same_loop(model_dir, tmp_path, method, group
         assert all(r["generated"] == 0 and r["rollout_acc"] == 1.0 for r in rows)
     else:
         assert all(r["generated"] > 0 and 0 <= r["zero_std_groups"] <= 1 for r in rows)
+
+
+def test_sft_says_how_many_references_max_new_tokens_cuts(tokenizer, capsys):
+    """SFT's completions are the references, cut at max_new_tokens: its rollout accuracy on its own references
+    reads 0% when they are cut. A reference of 19 characters and its EOS fit in 20 tokens; 20 do not."""
+    examples = [Example("1+1?", "x" * n, "2") for n in (19, 20, 30, 5)]
+    cfg = Config(method="sft", max_new_tokens=20, batch_size=2, micro_batch_size=2)
+    fit_to_context(cfg, make_model("llama", tokenizer), tokenizer, examples, examples)
+    assert "warning: 2 of 4 reference solutions are cut at max_new_tokens=20" in capsys.readouterr().out
 
 
 def test_compare_benchmark_runs_every_method_on_both_tasks_quickly(tmp_path):

@@ -101,11 +101,29 @@ def test_missing_columns_and_answers_get_errors_that_name_the_fix(tmp_path):
         load_examples(str(path), question_column="problem", answer_column="final")
     unboxed = tmp_path / "unboxed.jsonl"
     unboxed.write_text(json.dumps({"question": "1+1?", "solution": "it is 2"}) + "\n")
-    with pytest.raises(ValueError, match=r"row 0: no answer column and no final answer .* set --answer_column"):
+    with pytest.raises(ValueError, match=r"row 0: no answer \(no answer column, or an empty cell\) and no final "
+                                         r"answer .* set --answer_column or fix the row"):
         load_examples(str(unboxed))
     numeric = tmp_path / "numeric.jsonl"
     numeric.write_text(json.dumps({"question": "1+1?", "solution": "it is 2", "answer": 2}) + "\n")
     assert load_examples(str(numeric), answer_column="answer")[0].answer == "2"
+
+
+def test_an_empty_answer_cell_or_the_solution_as_answer_column_is_never_taken_as_an_answer(tmp_path):
+    """GSM8K keeps its solutions under 'answer': --answer_column answer would make a whole solution the answer.
+    An empty cell (None in a JSONL, a CSV) was the answer 'None'; it is read from the solution instead."""
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    gsm8k.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}) + "\n")
+    with pytest.raises(ValueError, match=r"the answer column 'answer' is the solution column: .* Leave --answer_col"):
+        load_examples(str(gsm8k), solution_column="answer", answer_column="answer")
+    assert load_examples(str(gsm8k), solution_column="answer")[0].answer == "2"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("".join(json.dumps({"question": "1+1?", "solution": s, "answer": a}) + "\n"
+                             for s, a in (("\\boxed{2}", None), ("\\boxed{3}", ""), ("no box", "4"))))
+    assert [ex.answer for ex in load_examples(str(empty), answer_column="answer")] == ["2", "3", "4"]
+    empty.write_text(json.dumps({"question": "1+1?", "solution": "no box", "answer": None}) + "\n")
+    with pytest.raises(ValueError, match=r"row 0: no answer \(no answer column, or an empty cell\)"):
+        load_examples(str(empty), answer_column="answer")
 
 
 def test_folders_and_presets_go_through_load_dataset_with_their_splits(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ evaluation command line."""
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -101,8 +102,12 @@ def test_avg_pass_and_maj_on_hand_made_completions():
     assert scores["pass@2"] == pytest.approx((1 - 1 / 6 + 1 - 1 / 6 + 0) / 3)  # 1 - C(2,2)/C(4,2)
     assert scores["pass@4"] == pytest.approx(2 / 3) and scores["maj@4"] == pytest.approx(1 / 3)
     assert scores["mean_length"] == 25 and scores["truncated"] == 0.25
-    assert list(scores) == ["problems", "samples", "avg@4", "pass@1", "pass@2", "pass@4", "maj@4", "mean_length",
-                            "truncated"]
+    # the avg@1 of each sample: 1/3, 2/3, 0, 1/3; each problem's accuracy: 1/2, 1/2, 0
+    assert scores["se_samples"] == pytest.approx(math.sqrt(2 / 27) / 2)
+    assert scores["se_problems"] == pytest.approx(1 / 6)
+    assert list(scores) == ["problems", "samples", "avg@4", "se_samples", "se_problems", "pass@1", "pass@2", "pass@4",
+                            "maj@4", "mean_length", "truncated"]
+    assert summarize(rows[:1], 1)["se_samples"] is None and summarize(rows[:1], 1)["se_problems"] is None
 
 
 def test_evaluate_writes_a_row_per_problem_and_refuses_missing_references(model_dir, tmp_path):
@@ -161,3 +166,31 @@ def test_fast_sampling_grades_the_same_completions_as_the_plain_loop(tmp_path, c
                    for f in (False, True))
     assert fast == plain and len({row["lengths"][0] for row in plain}) > 1
     assert compilations[0] == 1
+
+
+def test_the_cli_evaluates_a_run_as_it_trained(qwen3_dir, tmp_path, monkeypatch, capsys):
+    """A run folder (or its `latest`) is its newest checkpoint; the teacher's context gets the teacher's
+    thinking flag (on), the question alone the student's (off), as in training; the default output is named
+    by model and data set, and the scores, standard errors included, lie beside it."""
+    import shutil
+    import sys
+    shutil.copytree(qwen3_dir, tmp_path / "run" / "step_3")
+    (tmp_path / "run" / "latest").write_text("step_3")
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1?", "solution": f"\\boxed{{{i + 1}}}"}) + "\n"
+                            for i in range(3)))
+    monkeypatch.chdir(tmp_path)
+    for model, reference in (("run", []), ("run/latest", ["--with_reference"])):
+        monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", model, "--dataset", str(data), "--samples", "2",
+                                          "--temperature", "1", "--max_new_tokens", "3", *reference])
+        evaluate.main()
+    printed = capsys.readouterr().out
+    assert "run/step_3 on " in printed and "thinking off" in printed and "thinking on" in printed
+    assert re.search(r"avg@2 \d+\.\d% \(standard error \d+\.\d% over the 2 samples, \d+\.\d% over the problems\)",
+                     printed)
+    alone, teacher = (tmp_path / "runs" / "eval" / f"run_step_3_test{suffix}.jsonl"
+                      for suffix in ("", "_with_reference"))
+    assert json.loads(alone.read_text().splitlines()[0])["prompt"].endswith("<think>\n\n</think>\n\n")  # off
+    assert json.loads(teacher.read_text().splitlines()[0])["prompt"].endswith("<|im_start|>assistant\n")  # on
+    scores = json.loads(alone.with_suffix(".scores.json").read_text())
+    assert scores["problems"] == 3 and scores["se_problems"] is not None and "se_samples" in scores

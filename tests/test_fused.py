@@ -112,12 +112,15 @@ def test_fused_sampled_token_loss_equals_the_reference(clip):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 products with float32 sums (out_dtype) need CUDA")
-def test_head_gradient_under_cuda_autocast_is_close_to_float32():
-    student, teacher, weight, _, mask = (t.detach().float().cuda().requires_grad_(t.requires_grad) if t.is_floating_point()
-                                         else t.cuda() for t in inputs(torch.float32, H=64, V=512))
+def test_head_gradient_under_cuda_autocast_takes_bf16_products_and_stays_close(monkeypatch):
+    student, teacher, weight, _, mask = inputs(torch.float32, H=64, V=512)
+    student, teacher, weight = (t.detach().cuda().requires_grad_(True) for t in (student, teacher, weight))
+    mask = mask.cuda()
     ref = both(student, teacher, weight, None, mask, beta=0.0, chunk_size=4)[1]
+    calls, addmm = [], torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: (calls.append((a[1].dtype, k.get("out_dtype"))), addmm(*a, **k))[1])
     with torch.autocast("cuda", torch.bfloat16):
         got = both(student, teacher, weight, None, mask, beta=0.0, chunk_size=4)[1]
-    assert got[2].dtype == torch.float32
+    assert calls and set(calls) == {(torch.bfloat16, torch.float32)}  # the tensor-core path was taken
     for a, b in zip(got, ref):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)

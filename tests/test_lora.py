@@ -53,9 +53,26 @@ def test_only_adapter_parameters_get_gradients():
 
 
 def test_unknown_target_names_are_an_error_that_lists_the_real_ones():
+    """Also when some names match: GPT-2 has c_attn but no q_proj, so its adapters would silently miss it."""
     with pytest.raises(ValueError, match=r"no linear layer is named \['qkv'\]; this model's are \['down_proj', "
-                                         r"'gate_proj', 'k_proj', 'lm_head', 'o_proj'.*set --lora_targets"):
+                                         r"'gate_proj', 'k_proj', 'o_proj'.*set --lora_targets"):
         add_lora(make_model("qwen3", qwen3_tokenizer()), 4, 8, ["qkv"])
+    with pytest.raises(ValueError, match=r"named \['q_proj'\]; this model's are \['c_attn', 'c_fc', 'c_proj'\]"):
+        add_lora(make_model("gpt2", qwen3_tokenizer()), 4, 8, ["c_attn", "q_proj"])
+
+
+def test_gpt2_conv1d_layers_take_adapters_that_merge_exactly():
+    """GPT-2's Conv1D stores its weight as (in, out): the adapter and its merge must follow."""
+    base, model = make_model("gpt2", qwen3_tokenizer()), make_model("gpt2", qwen3_tokenizer())
+    add_lora(model, 4, 8, ["all"])
+    assert len(lora_layers(model)) == 8 and torch.equal(logits(model), logits(base))
+    for layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    for name, m in base.named_modules():
+        if isinstance(model.get_submodule(name), LoRALinear):
+            m.weight.data = model.get_submodule(name).merged_weight()
+    assert not torch.allclose(logits(model), logits(make_model("gpt2", qwen3_tokenizer())), atol=1e-3)
+    torch.testing.assert_close(logits(model), logits(base), atol=1e-5, rtol=1e-5)
 
 
 def test_an_ema_teacher_with_lora_is_refused(capsys):
@@ -129,6 +146,8 @@ def test_cli_trains_the_qwen3_stand_in_with_lora_and_gradient_checkpointing(qwen
     checkpoint = tmp_path / "run" / "step_2"
     assert (checkpoint / "adapters.pt").exists() and not (checkpoint / "model.safetensors").exists()
     assert "the divergence takes the fused path" in done.stdout
+    assert ("LoRA on 14 layers (down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj): 4,096 "
+            in done.stdout and "trainable parameters" in done.stdout)
     assert load_model(str(checkpoint))[0].config.model_type == "qwen3"
 
 

@@ -1,6 +1,7 @@
 """The command line, the training loop, checkpoints and resuming, on a tiny random model."""
 
 import json
+import math
 import re
 import shutil
 from dataclasses import fields
@@ -11,8 +12,8 @@ from conftest import make_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import opsd
-from opsd import (Config, Rollouts, disable_dropout, learning_rate, logits_are_linear, opsd_loss, parse_config,
-                  save_checkpoint, train, train_step)
+from opsd import (Config, Rollouts, disable_dropout, learning_rate, load_data, logits_are_linear, opsd_loss,
+                  parse_config, save_checkpoint, train, train_step, why_not_linear)
 from sampling import load_model
 
 
@@ -66,7 +67,8 @@ def test_training_writes_checkpoints_and_resumes_exactly(model_dir, tmp_path, mo
     evals = train(small_config(model_dir, straight, steps=3))
     assert [e["step"] for e in evals] == [0, 2, 3]
     assert (straight / "latest").read_text() == "step_3"
-    assert sorted(p.name for p in straight.iterdir()) == ["latest", "metrics.jsonl", "step_1", "step_2", "step_3"]
+    assert sorted(p.name for p in straight.iterdir()) == ["curves.png", "latest", "metrics.jsonl", "step_1", "step_2",
+                                                          "step_3"]
     saved = json.loads((straight / "step_3" / "opsd_config.json").read_text())
     assert saved["steps"] == 3 and saved["model"] == str(model_dir)
 
@@ -140,14 +142,13 @@ def test_fused_and_plain_training_take_the_same_step(model_dir, tmp_path, monkey
 
 
 def test_the_fused_path_is_used_only_where_logits_are_hidden_times_the_head(tokenizer):
-    from opsd import logits_are_linear
     assert logits_are_linear(make_model("llama", tokenizer)) and logits_are_linear(make_model("gpt2", tokenizer))
     biased = make_model("llama", tokenizer)
     biased.lm_head = torch.nn.Linear(32, len(tokenizer), bias=True)
-    assert not logits_are_linear(biased)
+    assert not logits_are_linear(biased) and why_not_linear(biased) == "its LM head has a bias"
     scaled = make_model("llama", tokenizer)
     scaled.lm_head.forward = lambda h: torch.nn.functional.linear(h, scaled.lm_head.weight) * 0.5  # a logit scale
-    assert not logits_are_linear(scaled)
+    assert not logits_are_linear(scaled) and why_not_linear(scaled) == "its forward rescales them"
 
 
 def test_one_train_step_is_opsd_loss_backward_and_an_optimizer_step(tokenizer):
@@ -195,6 +196,15 @@ def test_dropout_is_off_for_good_in_train_mode(tokenizer):
     assert not torch.equal(gpt2(ids).logits, gpt2(ids).logits)
     disable_dropout(gpt2)
     assert torch.equal(gpt2(ids).logits, gpt2.eval()(ids).logits)
+
+
+def test_the_baselines_losses_turn_dropout_off_themselves(tokenizer):
+    """The Python API: a model straight from its config has dropout on (GPT-2: 0.1); two calls must agree."""
+    from opsd import grpo_loss, sft_loss
+    for loss in (lambda m: sft_loss(m, [[5, 6]], [[7, 8, 9]]),
+                 lambda m: grpo_loss(m, [[5, 6]], [[7, 8]], torch.ones(1))):
+        gpt2 = make_model("gpt2", tokenizer).train()
+        assert loss(gpt2).item() == loss(gpt2).item()
 
 
 def test_the_linear_head_check_holds_in_bf16(tokenizer):
@@ -261,3 +271,63 @@ def test_fast_sampling_runs_through_training_and_evaluation(model_dir, tmp_path,
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert compilations[0] >= 1
     assert all(row["generated"] > 0 and row["loss"] == row["loss"] for row in rows if "loss" in row)
+
+
+def test_a_non_finite_gradient_norm_stops_before_the_step_and_nothing_is_written_after(model_dir, tmp_path,
+                                                                                       monkeypatch):
+    """Step 2's gradient turns NaN (the loss stays finite, as at --lr 1e4 --beta 0): no optimizer step, no row,
+    no checkpoint, the one-line error; step 1's checkpoint and rows stay as they were."""
+    build_models = opsd.build_models
+
+    def poisoned(cfg, checkpoint):
+        built, backwards = build_models(cfg, checkpoint), []
+        poison = lambda g: g * math.nan if len(backwards) == 1 else backwards.append(g)  # noqa: E731 NaN at step 2
+        next(built[0].parameters()).register_hook(poison)
+        return built
+
+    monkeypatch.setattr(opsd, "build_models", poisoned)
+    with pytest.raises(FloatingPointError, match=r"^the grad_norm is nan: lower --lr or check the data \(no step was"):
+        train(small_config(model_dir, tmp_path, steps=3))
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert [r["step"] for r in map(json.loads, text.splitlines())] == [0, 1] and "NaN" not in text
+    assert (tmp_path / "latest").read_text() == "step_1" and not (tmp_path / "step_2").exists()
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_at_start(model_dir, tmp_path, tokenizer):
+    folder = tmp_path / "model"
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(folder)
+    bigger = AutoTokenizer.from_pretrained(model_dir)
+    bigger.add_tokens(["<|im_start|>"], special_tokens=True)  # as a chat template's tokens are added
+    bigger.save_pretrained(folder)
+    with pytest.raises(ValueError, match=rf"has {len(tokenizer) + 1} tokens, the model's embedding {len(tokenizer)}: "
+                                         r"resize it"):
+        train(small_config(folder, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="resize it"):  # evaluate.py loads through the same function
+        load_model(str(folder))
+
+
+def test_resume_without_a_checkpoint_is_an_error(model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint to continue: leave --resume out"):
+        train(small_config(model_dir, tmp_path / "empty", resume=True))
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_the_evaluation_data_set_has_columns_of_its_own_and_eval_size_is_named_when_it_takes_all(model_dir,
+                                                                                                 tmp_path):
+    """GSM8K-style training (the solution under 'answer') with an evaluation set in MATH-style columns."""
+    train_file = write_rows(tmp_path / "train.jsonl", [{"q": f"{i}+1?", "answer": f"so\n#### {i + 1}"}
+                                                       for i in range(6)])
+    test_file = write_rows(tmp_path / "test.jsonl", [{"problem": "2+2?", "solution": "\\boxed{4}"}])
+    cfg = small_config(model_dir, tmp_path, dataset=train_file, question_column="q", solution_column="answer",
+                       eval_dataset=test_file, eval_columns="problem")
+    train_set, test_set = load_data(cfg)
+    assert len(train_set) == 6 and train_set[0].answer == "1" and test_set[0].question == "2+2?"
+    assert test_set[0].answer == "4"
+    with pytest.raises(ValueError, match=r"has 6 problems: eval_size=4 held out leave fewer than batch_size=4 to "
+                                         r"train on. Lower --eval_size or pass --eval_dataset"):
+        load_data(small_config(model_dir, tmp_path, dataset=train_file, question_column="q", solution_column="answer"))
