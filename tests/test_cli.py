@@ -55,7 +55,9 @@ def test_evaluate_cli_on_a_local_model_and_file(model_dir, tmp_path):
 def test_opsd_cli_trains_and_prints_the_summary(model_dir, tmp_path):
     out = run("opsd.py", "--model", str(model_dir), "--out_dir", str(tmp_path / "run"), "--steps", "2",
               "--batch_size", "4", "--micro_batch_size", "2", "--max_new_tokens", "5", "--eval_size", "4")
-    assert "held-out problems (teacher with reference" in out.strip().splitlines()[-1]
+    summary, curves = out.strip().splitlines()[-2:]
+    assert "held-out problems (teacher with reference" in summary
+    assert curves == f"curves: {tmp_path / 'run' / 'curves.png'}" and (tmp_path / "run" / "curves.png").stat().st_size
     assert (tmp_path / "run" / "latest").read_text() == "step_2"
 
 

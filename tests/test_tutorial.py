@@ -2,6 +2,7 @@
 and each exercise's check accepts right answers (the solution and others) and rejects wrong ones."""
 
 import ast
+import re
 from pathlib import Path
 
 import nbformat
@@ -24,7 +25,14 @@ def tagged(notebook, tag: str) -> str:
     return sources[0]
 
 
-# For each exercise, answers other than the solution's that are right, and typical wrong ones.
+# For each exercise, answers other than the solution's that are right, and typical wrong ones. Exercises 4, 5, 7
+# and 8 also ask for predictions: PREDICTIONS holds the right ones, added to every answer that is not about them.
+PREDICTIONS = {
+    4: "\nteacher_decays = {'fixed': 1, 'current': 0}\nbf16_moved = 'almost none'",
+    5: "\nin_expectation = 'reverse KL'",
+    7: "\nmode_seeking = 'reverse'",
+    8: "\nteacher_writes = \"the reference's answer\"",
+}
 RIGHT = {
     1: ["def batch_loss(model, teacher, sp, tp, c, beta):\n"
         "    t, _ = completion_logits(teacher, tp, c)\n"
@@ -35,17 +43,31 @@ RIGHT = {
         "        t = F.log_softmax(completion_logits(teacher, tp, c)[0], -1)\n"
         "    z, mask = completion_logits(model, sp, c)\n"
         "    per_token = divergence_terms(F.log_softmax(z, -1), t, beta).sum(-1)\n"
-        "    return (per_token * mask).sum() / mask.sum()"],
-    2: ["completion_columns = lambda logits, P, L: logits[:, P - 1:-1]",
-        "completion_columns = lambda logits, P, L: logits[:, -L - 1:-1]",
-        "completion_columns = lambda logits, P, L: logits.narrow(1, P - 1, L)"],
+        "    return (per_token * mask).sum() / mask.sum()",
+        "def batch_loss(model, teacher, sp, tp, c, beta):  # in float64\n"
+        "    with torch.no_grad():\n"
+        "        t, _ = completion_logits(teacher, tp, c)\n"
+        "    s, mask = completion_logits(model, sp, c)\n"
+        "    return divergence(s.double(), t.double(), mask, beta)"],
+    2: ["completion_token_logp = lambda logits, ids, L: token_log_probs(logits[:, -L - 1:-1], ids[:, -L:])",
+        "def completion_token_logp(logits, ids, L):  # in float64\n"
+        "    P = ids.shape[1] - L\n"
+        "    return F.log_softmax(logits[:, P - 1:P + L - 1].double(), -1).gather(-1, ids[:, P:, None]).squeeze(-1)",
+        "completion_token_logp = lambda logits, ids, L: torch.stack([logits[:, -L - 1 + j].log_softmax(-1).gather("
+        "-1, ids[:, -L + j, None])[:, 0] for j in range(L)], 1)"],
     3: ["def jsd(s, t, beta):\n"
         "    m = torch.logaddexp(t + math.log(beta), s + math.log(1 - beta))\n"
         "    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)",
-        "def jsd(s, t, beta):\n"
-        "    m = (beta * t.exp() + (1 - beta) * s.exp()).log()\n"
+        "def jsd(s, t, beta):  # the max trick by hand\n"
+        "    a, b = t + math.log(beta), s + math.log(1 - beta)\n"
+        "    top = torch.maximum(a, b)\n"
+        "    m = top + ((a - top).exp() + (b - top).exp()).log()\n"
         "    kl = lambda p: F.kl_div(m, p, log_target=True, reduction='none').sum(-1)\n"
-        "    return beta * kl(t) + (1 - beta) * kl(s)"],
+        "    return beta * kl(t) + (1 - beta) * kl(s)",
+        "def jsd(s, t, beta):  # in float64, where exp(-300) does not round to 0\n"
+        "    s, t = s.double(), t.double()\n"
+        "    m = (beta * t.exp() + (1 - beta) * s.exp()).log()\n"
+        "    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)"],
     4: ["def ema_update(teacher, student, decay):\n"
         "    with torch.no_grad():\n"
         "        for t, s in zip(teacher.parameters(), student.parameters()):\n"
@@ -56,7 +78,8 @@ RIGHT = {
         "def ema_update(teacher, student, decay):\n"
         "    s = student.state_dict()\n"
         "    teacher.load_state_dict({k: decay * v + (1 - decay) * s[k] for k, v in teacher.state_dict().items()})",
-        "ema_update = update_ema"],
+        "ema_update = update_ema",
+        "ema_update = update_ema\nteacher_decays = {'current': 0.0, 'fixed': 1.0}\nbf16_moved = 'almost none'"],
     5: ["def sampled_token_grad(z, t, y):\n"
         "    z = z.clone().requires_grad_()\n"
         "    s = z.log_softmax(-1)\n"
@@ -67,7 +90,11 @@ RIGHT = {
         "    a = t.log_softmax(-1)[y] - p[y].log()\n"
         "    g = a * p\n"
         "    g[y] -= a\n"
-        "    return g"],
+        "    return g",
+        "def sampled_token_grad(z, t, y):  # in float32, whatever the input\n"
+        "    z, t = z.float(), t.float()\n"
+        "    a = t.log_softmax(-1)[y] - z.log_softmax(-1)[y]\n"
+        "    return -a * (F.one_hot(torch.tensor(y), len(z)).float() - z.softmax(-1))"],
     6: ["def stable_log_softmax(z):\n"
         "    m = z.max(dim=-1, keepdim=True).values\n"
         "    return z - m - torch.log(torch.sum(torch.exp(z - m), dim=-1, keepdim=True))",
@@ -78,7 +105,8 @@ RIGHT = {
     7: ["closer = {'forward': 'b', 'reverse': 'a'}"],
     8: ["def wrong_reference(ex):  # the sums stay right, only the box is wrong\n"
         "    return Example(ex.question, ex.solution.replace('{' + ex.answer + '}', '{' + str(int(ex.answer) + 1) + '}'),"
-        " ex.answer)",
+        " ex.answer)\n"
+        "teacher_writes = 'the true answer'  # it follows the sums, not the box",
         "wrong_reference = lambda ex: Example(ex.question, '\\\\boxed{' + str(int(ex.answer) + 7) + '}', ex.answer)"],
 }
 WRONG = {
@@ -101,19 +129,40 @@ WRONG = {
         "    with torch.no_grad():\n"
         "        t, _ = completion_logits(teacher, tp, c)\n"
         "    s, mask = completion_logits(model, sp, c)\n"
-        "    return divergence_terms(log_probs(t, 1.0), log_probs(s, 1.0), beta).sum(-1)[mask].mean()"],
-    2: ["completion_columns = lambda logits, P, L: logits[:, P:P + L]",
-        "completion_columns = lambda logits, P, L: logits[:, -L:]",
-        "completion_columns = lambda logits, P, L: logits[:, :L]"],
+        "    return divergence_terms(log_probs(t, 1.0), log_probs(s, 1.0), beta).sum(-1)[mask].mean()",
+        "def batch_loss(model, teacher, sp, tp, c, beta):  # teacher ignored: the current weights\n"
+        "    with torch.no_grad():\n"
+        "        t, _ = completion_logits(model, tp, c)\n"
+        "    s, mask = completion_logits(model, sp, c)\n"
+        "    return divergence(s, t, mask, beta)",
+        "def batch_loss(model, teacher, sp, tp, c, beta):  # the student scored by the teacher network\n"
+        "    with torch.no_grad():\n"
+        "        t, _ = completion_logits(teacher, tp, c)\n"
+        "    s, mask = completion_logits(teacher, sp, c)\n"
+        "    return divergence(s, t, mask, beta)",
+        "def batch_loss(model, teacher, sp, tp, c, beta):  # the two prompts swapped\n"
+        "    with torch.no_grad():\n"
+        "        t, _ = completion_logits(teacher, sp, c)\n"
+        "    s, mask = completion_logits(model, tp, c)\n"
+        "    return divergence(s, t, mask, beta)"],
+    2: ["completion_token_logp = lambda logits, ids, L: token_log_probs(logits[:, -L:], ids[:, -L:])",  # off by one
+        "completion_token_logp = lambda logits, ids, L: token_log_probs(logits[:, -L - 1:-1], ids[:, -L - 1:-1])",
+        "completion_token_logp = lambda logits, ids, L: logits[:, -L - 1:-1].gather(-1, ids[:, -L:, None]).squeeze(-1)",
+        "completion_token_logp = lambda logits, ids, L: token_log_probs(logits[:, -L - 1:-1], ids[:, -L:]).exp()",
+        "completion_token_logp = lambda logits, ids, L: token_log_probs(logits[:, :L], ids[:, -L:])"],
     3: ["def jsd(s, t, beta):  # the weights swapped\n"
-        "    m = ((1 - beta) * t.exp() + beta * s.exp()).log()\n"
+        "    m = torch.logaddexp(t + math.log(1 - beta), s + math.log(beta))\n"
         "    return (1 - beta) * (t.exp() * (t - m)).sum(-1) + beta * (s.exp() * (s - m)).sum(-1)",
         "def jsd(s, t, beta):  # a mixture of the log-probabilities\n"
         "    m = beta * t + (1 - beta) * s\n"
         "    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)",
         "def jsd(s, t, beta):  # KL(m || p) instead of KL(p || m)\n"
+        "    m = torch.logaddexp(t + math.log(beta), s + math.log(1 - beta))\n"
+        "    return beta * (m.exp() * (m - t)).sum(-1) + (1 - beta) * (m.exp() * (m - s)).sum(-1)",
+        "def jsd(s, t, beta):  # log m from probabilities that underflow in float32\n"
         "    m = (beta * t.exp() + (1 - beta) * s.exp()).log()\n"
-        "    return beta * (m.exp() * (m - t)).sum(-1) + (1 - beta) * (m.exp() * (m - s)).sum(-1)"],
+        "    kl = lambda p: F.kl_div(m, p, log_target=True, reduction='none').sum(-1)\n"
+        "    return beta * kl(t) + (1 - beta) * kl(s)"],
     4: ["def ema_update(teacher, student, decay):  # decay weighs the student\n"
         "    with torch.no_grad():\n"
         "        for t, s in zip(teacher.parameters(), student.parameters()):\n"
@@ -123,7 +172,11 @@ WRONG = {
         "        t = decay * t + (1 - decay) * s",
         "def ema_update(teacher, student, decay):  # in place, but recorded by autograd\n"
         "    for t, s in zip(teacher.parameters(), student.parameters()):\n"
-        "        t.mul_(decay).add_(s, alpha=1 - decay)"],
+        "        t.mul_(decay).add_(s, alpha=1 - decay)",
+        "ema_update = lambda teacher, student, decay: update_ema(student, teacher, decay)  # the student moves",
+        "ema_update = update_ema\nteacher_decays = {'fixed': 0, 'current': 1}\nbf16_moved = 'almost none'",
+        "ema_update = update_ema\nteacher_decays = {'fixed': 1, 'current': 0}\nbf16_moved = 'most'",
+        "ema_update = update_ema\nteacher_decays = None\nbf16_moved = None"],
     5: ["sampled_token_grad = lambda z, t, y: (t.log_softmax(-1)[y] - z.log_softmax(-1)[y]) * "
         "(F.one_hot(torch.tensor(y), len(z)).to(z.dtype) - z.softmax(-1))",  # the sign flipped
         "sampled_token_grad = lambda z, t, y: -(t.log_softmax(-1)[y] - z.log_softmax(-1)[y]) * "
@@ -132,18 +185,44 @@ WRONG = {
         "    z = z.clone().requires_grad_()\n"
         "    s = z.log_softmax(-1)\n"
         "    (-(t.log_softmax(-1)[y] - s[y]) * s[y]).backward()\n"
-        "    return z.grad"],
+        "    return z.grad",
+        "sampled_token_grad = lambda z, t, y: z.softmax(-1) - t.softmax(-1)",  # the forward KL's gradient
+        "sampled_token_grad = lambda z, t, y: -(t.log_softmax(-1)[y] - z.log_softmax(-1)[y]) * "
+        "(F.one_hot(torch.tensor(y), len(z)).to(z.dtype) - z.softmax(-1))\nin_expectation = 'forward KL'"],
     6: ["stable_log_softmax = lambda z: z - z.exp().sum(-1, keepdim=True).log()",  # overflows
         "stable_log_softmax = lambda z: z.softmax(-1).log()",  # log of a probability that rounded to 0
         "stable_log_softmax = lambda z: (z - z.max()) - (z - z.max()).exp().sum(-1, keepdim=True).log()",  # one max
         "stable_log_softmax = lambda z: torch.log_softmax(z, -1)",
         "stable_log_softmax = lambda z: torch.special.log_softmax(z, -1)",
-        "stable_log_softmax = lambda z: z - torch.logsumexp(z, -1, keepdim=True)"],
-    7: ["closer = {'forward': 'A', 'reverse': 'B'}", "closer = {'forward': 'A', 'reverse': 'A'}"],
+        "stable_log_softmax = lambda z: z - torch.logsumexp(z, -1, keepdim=True)",
+        "stable_log_softmax = lambda z: z - z.logsumexp(-1, keepdim=True)",
+        "stable_log_softmax = lambda z: z - torch.special.logsumexp(z, -1, keepdim=True)",
+        "stable_log_softmax = lambda z: z - torch.logcumsumexp(z, -1)[..., -1:]",
+        "stable_log_softmax = lambda z: -torch.stack([F.cross_entropy(z, torch.full((len(z),), v), reduction='none')"
+        " for v in range(z.shape[-1])], -1)",
+        "import functools\n"
+        "stable_log_softmax = lambda z: z - functools.reduce(torch.logaddexp, z.unbind(-1))[..., None]",
+        "stable_log_softmax = lambda z: torch.nn.LogSoftmax(-1)(z)"],
+    7: ["closer = {'forward': 'A', 'reverse': 'B'}", "closer = {'forward': 'A', 'reverse': 'A'}",
+        "closer = {'forward': 'B', 'reverse': 'A'}\nmode_seeking = 'forward'",
+        "closer = {'forward': 'B', 'reverse': 'A'}\nmode_seeking = None"],
     8: ["wrong_reference = lambda example: example",
         "wrong_reference = lambda ex: Example(ex.question, ex.solution.replace(ex.answer, '0'), '0')",
-        "wrong_reference = lambda ex: Example(ex.question, 'so the answer is ' + str(int(ex.answer) + 2), ex.answer)"],
+        "wrong_reference = lambda ex: Example(ex.question, 'so the answer is ' + str(int(ex.answer) + 2), ex.answer)",
+        "wrong_reference = lambda ex: Example(ex.question, ex.solution.replace('{' + ex.answer + '}', '{}'), ex.answer)",
+        "wrong_reference = lambda ex: Example(ex.question, ex.solution.replace('{' + ex.answer + '}', '{unknown}'), "
+        "ex.answer)",
+        "def wrong_reference(ex):  # a right answer, a wrong prediction\n"
+        "    wrong = str(int(ex.answer) + 1)\n"
+        "    return Example(ex.question, ex.solution.replace(f'={ex.answer}.', f'={wrong}.').replace("
+        "'{' + ex.answer + '}', '{' + wrong + '}'), ex.answer)\n"
+        "teacher_writes = 'the true answer'"],
 }
+
+
+def with_predictions(number: int, answer: str) -> str:
+    """The answer, with the right predictions of its exercise first (an answer may set its own after them)."""
+    return PREDICTIONS.get(number, "") + "\n" + answer
 
 
 def cases(answers: dict) -> list:
@@ -178,13 +257,13 @@ def test_each_check_passes_on_the_solution(number, setup_namespace, capsys):
 
 @pytest.mark.parametrize("number, answer", cases(RIGHT))
 def test_each_check_passes_on_other_right_answers(number, answer, setup_namespace, capsys):
-    check_with(number, answer, setup_namespace, capsys)()
+    check_with(number, with_predictions(number, answer), setup_namespace, capsys)()
     assert f"exercise {number}: correct" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("number, answer", cases(WRONG))
 def test_each_check_fails_on_a_wrong_answer_with_a_message(number, answer, setup_namespace, capsys):
-    check = check_with(number, answer, setup_namespace, capsys)
+    check = check_with(number, with_predictions(number, answer), setup_namespace, capsys)
     with pytest.raises(AssertionError) as error:
         check()
     assert len(str(error.value)) > 20, "the check must say what is wrong"
@@ -217,3 +296,10 @@ def test_both_notebooks_run_top_to_bottom():
         NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
         printed += "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert all(f"exercise {n}: not attempted" in printed and f"exercise {n}: correct" in printed for n in range(1, 9))
+
+
+def test_the_figures_fit_a_notebook_column():
+    """At most 10 inches wide: at the notebook's 100 dpi, legible in a 960-pixel column."""
+    widths = [float(w) for cell in NOTEBOOK.cells if cell.cell_type == "code"
+              for w in re.findall(r"figsize=\(\s*([\d.]+)\s*,", cell.source)]
+    assert len(widths) >= 6 and max(widths) <= 10, f"figure widths {widths}"
