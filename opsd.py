@@ -208,7 +208,7 @@ def opsd_loss(model, teacher, student_prompts, teacher_prompts, completions, bet
     reference), the student student_prompts (the problem); both score the same completions. All three are
     lists of token-id lists, as sample returns them. `teacher` may be `model` itself; base_teacher=True runs
     it with its LoRA adapters off (the base model: the fixed teacher of a LoRA run). fused=True takes the
-    fused path (section 6): the same value without (B, L, V) logits, for models whose logits are hidden @ W.T
+    fused path (opsd.py's section 6): the same value without (B, L, V) logits, for models whose logits are hidden @ W.T
     (logits_are_linear). sampled_token=True minimises sampled_token_loss instead. A dict given as stats
     receives the (unclipped) divergence and the clipped teacher mass."""
     forward = completion_hidden if fused else completion_logits  # (B, L, H) or (B, L, V), and the mask (B, L)
