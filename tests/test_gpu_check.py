@@ -17,7 +17,7 @@ def test_the_gpu_check_runs_every_part_in_its_cpu_mode(tmp_path):
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert not [r for r in rows if "failed" in r], [r for r in rows if "failed" in r]
     parts = {r["part"] for r in rows}
-    assert parts == {"preflight", "check", "rollouts", "profile", "step", "divergence"}, parts
+    assert parts == {"preflight", "check", "rollouts", "profile", "step_progress", "step", "divergence"}, parts
     methods = {r["method"] for r in rows if r["part"] == "rollouts" and "tokens_per_s" in r}
     assert len(methods) == 5 and any(m.startswith("fast path") for m in methods), methods
     assert {r["variant"] for r in rows if r["part"] == "divergence"} == {"eager", "plain", "fused"}
