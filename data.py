@@ -1,9 +1,8 @@
 """data.py: the examples OPSD learns from, and the two prompts that turn one model into student and teacher.
 
-Owns: the `Example` record, the built-in offline task (two-step arithmetic word problems with a worked
-solution ending in \\boxed{answer}), loading examples from hub data sets (with column presets) and local
-files, reading the final answer out of a solution (`extract_answer`), the official student, teacher and
-evaluation prompts, fitting them into a token budget, and the character tokenizer of the tiny model.
+Owns: the `Example` record, the built-in offline task (two-step arithmetic word problems), loading hub data
+sets (with column presets) and local files, `extract_answer`, the official student, teacher and evaluation
+prompts, fitting them into a token budget, and the character tokenizer of the tiny model.
 Leaves out: tokenising whole data sets ahead of time (prompts are encoded per batch), streaming.
 
     python data.py      # prints a few built-in problems with both prompts
@@ -30,9 +29,9 @@ class Example:
 # The built-in task. "joe has 11 eggs, gets 48 more, then gives away 55. how many eggs now?" is solved by
 # "11+48=59, 59-55=4. \boxed{4}". A tiny model that has seen such solutions copies one easily when it sits
 # in its context, but must do two 2-digit sums in its head when it does not: the gap OPSD closes.
-# Its variant 'builtin_other' has the same problems with references "by another model", in another style:
-# the answer first, the working after, in words ("\boxed{4}, as 11 plus 48 is 59 and 59 minus 55 is 4.").
-# Its base model (tiny/model_other) writes its own style and reads the other one in the teacher's context.
+# Its variant 'builtin_other' has the same problems with references "by another model", answer first, in words:
+# "\boxed{4}, as 11 plus 48 is 59 and 59 minus 55 is 4."; its base model, tiny/model_other, writes its own style
+# and reads the other one in the teacher's context.
 
 NAMES = ["ann", "ben", "eva", "joe", "kim", "leo", "mia", "sam", "tom", "zoe"]
 ITEMS = ["apples", "books", "cards", "coins", "eggs", "pens", "shells", "stamps"]
@@ -41,9 +40,8 @@ LESS = ["gives away {}", "loses {}", "sells {}"]
 
 
 def builtin_examples(split: str, n: int, seed: int = 0, other_style: bool = False) -> list[Example]:
-    """n problems of the built-in task. The split is decided by a hash of the arithmetic alone, so no
-    calculation of the 'test' split ever appears in 'train', whatever the names and the seeds. other_style:
-    the same problems with the references of the 'builtin_other' variant."""
+    """n problems of the built-in task ('builtin_other' with other_style). The split is decided by a hash of the
+    arithmetic alone, so no calculation of the 'test' split ever appears in 'train', whatever names and seeds."""
     rng, examples = random.Random(seed), []
     while len(examples) < n:
         a, b, c = (rng.randint(10, 99) for _ in range(3))
@@ -64,9 +62,8 @@ def builtin_examples(split: str, n: int, seed: int = 0, other_style: bool = Fals
     return examples
 
 
-# Hub data sets whose columns are known: name -> (hub name, config, question, solution, answer column).
-# Without an answer column the answer is read from the solution (the last \boxed{}, or what follows '####');
-# without a solution column there is no reference: fine for evaluating a student, not for training.
+# Hub data sets whose columns are known: name -> (hub name, config, question, solution, answer column). With no
+# answer column the answer is read from the solution; with no solution column a student can be evaluated, not trained.
 PRESETS = {
     "openthoughts": ("siyanzhao/Openthoughts_math_30k_opsd", None, "problem", "solution", None),  # the paper's
     "gsm8k": ("openai/gsm8k", "main", "question", "answer", None),  # the solution ends with '#### 42'
@@ -82,11 +79,9 @@ BENCHMARKS = ("aime24", "aime25", "hmmt25")  # evaluated as the paper does: eval
 
 def load_examples(source: str, split: str = "train", n: int | None = None, seed: int = 0, question_column: str = "",
                   solution_column: str = "", answer_column: str = "") -> list[Example]:
-    """The first n examples of `split` of the built-in task ('builtin', or its variant 'builtin_other'), a
-    preset (by its short or hub name), a local JSON/JSONL/CSV/parquet file (one split: all its rows) or any
-    data set that datasets.load_dataset opens (a hub name or a local folder; a data set with one split serves
-    it for every split). Columns default to the preset's, else question, solution and answer; without an answer
-    column the answer is read from the solution."""
+    """The first n examples of `split` of 'builtin' or 'builtin_other', a preset (short or hub name), a local
+    JSON/JSONL/CSV/parquet file (all its rows) or what datasets.load_dataset opens (a hub name, a local folder;
+    one split serves for every split). Columns default to the preset's, else question, solution and answer."""
     if source in ("builtin", "builtin_other"):
         n = n or (20_000 if split == "train" else 500)
         return builtin_examples(split, n, seed, other_style=source == "builtin_other")
@@ -99,18 +94,15 @@ def load_examples(source: str, split: str = "train", n: int | None = None, seed:
     kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(source.rsplit(".", 1)[-1])
     if kind and not Path(source).is_file():
         raise ValueError(f"no data file {source!r}: check the path")
-    try:
-        if kind:
-            rows = datasets.load_dataset(kind, data_files=source, split="train")
-        else:
-            splits = datasets.load_dataset(name, config)
-            if split not in splits and len(splits) > 1:
-                raise ValueError(f"dataset {source!r} has no {split!r} split; it has {list(splits)}")
-            rows = splits[split] if split in splits else next(iter(splits.values()))
+    try:  # a local file loads as one split, 'train'
+        splits = datasets.load_dataset(kind, data_files=source) if kind else datasets.load_dataset(name, config)
     except OSError as e:  # not on the hub, or the hub out of reach
         raise ValueError(f"cannot load the data set {source!r}: {str(e).splitlines()[0]} (offline, a hub data "
                          "set must be in the local cache; a local file needs a .jsonl, .json, .csv or .parquet "
                          "name)") from None
+    if split not in splits and len(splits) > 1:
+        raise ValueError(f"dataset {source!r} has no {split!r} split; it has {list(splits)}")
+    rows = splits[split] if split in splits else next(iter(splits.values()))
     missing = [c for c in (question_column, solution_column, answer_column) if c and c not in rows.column_names]
     if missing:
         raise ValueError(f"dataset {source!r} lacks the column(s) {missing}; it has {rows.column_names}. Name "
@@ -130,8 +122,7 @@ def load_examples(source: str, split: str = "train", n: int | None = None, seed:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The final answer of a solution or a completion: what the data sets without an answer column and the grader
-# (evaluate.py) read.
+# The final answer of a solution or a completion, for data sets without an answer column and for evaluate.py.
 
 def extract_answer(text: str, strict: bool = False) -> str | None:
     """The content of the last \\boxed{...} or \\fbox{...}, nested braces included (None if it is cut off);
@@ -175,8 +166,7 @@ def student_prompt(example: Example, tokenizer, thinking: bool = False) -> str:
 
 
 def evaluation_prompt(example: Example, tokenizer, thinking: bool = True) -> str:
-    """The official evaluation prompt of the paper's benchmarks (AIME24/25, HMMT25): the student's without
-    'Problem: '."""
+    """The official prompt of the paper's benchmarks: the student's without 'Problem: '."""
     return render(EVALUATION.format(question=example.question), tokenizer, thinking)
 
 
@@ -187,9 +177,8 @@ def teacher_prompt(example: Example, tokenizer, thinking: bool = True) -> str:
 
 def fit_prompts(examples: list[Example], tokenizer, limit: int, student_thinking: bool = False,
                 teacher_thinking: bool = True) -> list[Example]:
-    """The examples whose prompts fit in `limit` tokens. A teacher prompt that is too long gets its reference
-    solution cut from the middle, with a marker, never its question or instructions; an example that does
-    not fit even so is dropped. Both are counted and reported."""
+    """The examples whose prompts fit in `limit` tokens: a reference too long is cut in its middle, never the
+    question or instructions (shorten_reference); an example that still does not fit is dropped; both reported."""
     fitted = [shorten_reference(ex, tokenizer, limit, student_thinking, teacher_thinking) for ex in examples]
     kept = [ex for ex in fitted if ex is not None]
     shortened = sum(ex is not None and ex is not original for ex, original in zip(fitted, examples))
@@ -231,14 +220,14 @@ def render(message: str, tokenizer, thinking: bool) -> str:
 
 
 def encode(text: str, tokenizer) -> list[int]:
-    """Token ids of a prompt. A chat template already writes its special tokens; plain text gets the
-    tokenizer's own (a BOS, for models that expect one)."""
+    """Token ids of a prompt: a chat template writes its special tokens; plain text gets the tokenizer's (a BOS, where
+    the model expects one)."""
     return tokenizer(text, add_special_tokens=tokenizer.chat_template is None).input_ids
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The tiny model's tokenizer: one token per character, plus one token per fixed piece of the two prompt
-# templates, so that the paper's long instructions cost the tiny model one position each.
+# The tiny model's tokenizer: one token per character, and one per fixed piece of the two prompt templates,
+# so that the paper's long instructions cost the tiny model one position each.
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
     pieces = {p for t in (STUDENT, TEACHER) for p in t.format(question="\0", solution="\0").split("\0") if p}

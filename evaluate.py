@@ -1,14 +1,11 @@
 """evaluate.py: how well does the model answer, from the question alone or with the reference in its context?
 
-Owns: grading answers as mathematics rather than as strings (data.extract_answer reads them: the last
-\\boxed{...}, with fallbacks, or strictly as the paper does), the evaluation loop (avg@k, the paper's
-headline, and its standard errors; pass@k; maj@k; completion lengths and truncation; one JSONL row per
-problem) and its command line, with the paper's benchmarks as presets.
-Leaves out: general symbolic algebra (expressions in variables, equations, matrices: math_verify covers
-some of it where it is installed) and a fast inference engine (the sampler is sampling.sample).
+Owns: grading answers as mathematics rather than as strings (data.extract_answer reads them), the evaluation
+loop (avg@k, the paper's headline, with its standard errors; pass@k; maj@k; completion lengths and truncation;
+one JSONL row per problem) and its command line, with the paper's benchmarks as presets.
+Leaves out: symbolic algebra (variables, equations, matrices: math_verify covers some) and an inference engine.
 
-    python evaluate.py --model tiny/model                    # the tiny base model, question alone
-    python evaluate.py --model tiny/model --with_reference   # the same model as the teacher
+    python evaluate.py --model tiny/model [--with_reference]   # the tiny base model, question alone (or as teacher)
     python evaluate.py --model Qwen/Qwen3-1.7B --dataset aime24 --samples 12 --thinking \\
         --temperature 1.0 --top_p 0.95 --max_new_tokens 38912 --batch_size 12   # the paper's Avg@12
 """
@@ -45,9 +42,8 @@ UNITS = ("cm|mm|km|m|kg|g|mg|lbs?|pounds?|ounces?|oz|inch(?:es)?|in|feet|foot|ft
 
 
 def normalize(answer: str) -> str:
-    """The answer without what never changes its value: $, spaces, \\left/\\right, \\text{} and the like,
-    units after a number (in \\text{} or \\mbox{}, or a unit word), degrees, percent signs, thousands
-    separators, a leading 'x ='. A mixed number 1\\frac12 becomes (1+\\frac{1}{2})."""
+    """The answer without what never changes its value ($, spaces, \\left/\\right, \\text{}, units after a
+    number, degrees, percent signs, thousands separators, a leading 'x ='); 1\\frac12 becomes (1+\\frac{1}{2})."""
     s = re.sub(r"\{,\}", ",", answer)  # 1{,}000
     s = re.sub(r"\\left|\\right|\\[!,;: ]|\\quad|\\displaystyle|~|\\?\$", " ", s)
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree|\\?%", "", s)
@@ -78,13 +74,11 @@ def to_number(answer: str) -> float | None:
         return None
     if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", answer, re.IGNORECASE):  # not inf, not nan
         return float(answer) if math.isfinite(float(answer)) else None  # 1e400 overflows
-    expr = answer
-    while True:  # innermost braces first, so that fractions and roots can nest
-        new = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", expr)
-        new = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", new)
-        if new == expr:
-            break
-        expr = new
+    expr, before = answer, None
+    while expr != before:  # innermost braces first, so that fractions and roots can nest
+        before = expr
+        expr = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", expr)
+        expr = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", expr)
     for latex, python in (("\\pi", "pi"), ("\\cdot", "*"), ("\\times", "*"), ("^", "**"), ("{", "("), ("}", ")")):
         expr = expr.replace(latex, python)
     expr = re.sub(r"(?<=[\d)])(?=[(a-z])|(?<=pi)(?=[\d(a-z])", "*", expr)  # 2sqrt(2) -> 2*sqrt(2)
@@ -120,8 +114,7 @@ def same_value(a: str, b: str) -> bool:
 
 
 def split_items(answer: str) -> tuple[str, list[str]]:
-    """A tuple or interval as its brackets and items: '[0,\\frac{1}{2})' -> ('[)', ['0', '\\frac{1}{2}']);
-    a single value as ('', [value])."""
+    """A tuple or interval as its brackets and items: '[0,1)' -> ('[)', ['0', '1']); a single value as ('', [value])."""
     brackets, inner = "", answer
     if len(answer) > 1 and answer[0] in "([" and answer[-1] in ")]":
         brackets, inner = answer[0] + answer[-1], answer[1:-1]
@@ -136,9 +129,8 @@ def split_items(answer: str) -> tuple[str, list[str]]:
 
 
 def is_equivalent(pred: str | None, gold: str) -> bool:
-    """Whether a predicted answer equals the gold one as mathematics (see normalize and to_number); tuples
-    and intervals item by item, with the same brackets. Where the rules cannot decide (not both numbers)
-    and math_verify is installed, it has the last word."""
+    """Whether a predicted answer equals the gold one as mathematics (normalize, to_number); tuples and intervals
+    item by item, with the same brackets. Where the rules cannot decide, math_verify (if installed) does."""
     if pred is None:
         return False
     pred, gold = normalize(pred), normalize(gold)
@@ -164,16 +156,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def grade(completions: list[str], answer: str, strict: bool = False) -> dict:
     """One problem's completions: the answer each gives (extract_answer, strict or not), whether it is right,
-    and the majority answer (equivalent answers vote together; the first to reach the top count wins a tie)."""
+    and the majority answer (equivalent answers vote together; of groups tied at the top, the first to appear)."""
     extracted = [extract_answer(c, strict) for c in completions]
-    votes = []  # [representative answer, count]
+    votes = {}  # representative answer -> count, in the order of first appearance
     for a in filter(None, extracted):
-        group = next((g for g in votes if is_equivalent(a, g[0])), None)
-        if group:
-            group[1] += 1
-        else:
-            votes.append([a, 1])
-    majority = max(votes, key=lambda g: g[1])[0] if votes else None
+        representative = next((r for r in votes if is_equivalent(a, r)), a)
+        votes[representative] = votes.get(representative, 0) + 1
+    majority = max(votes, key=votes.get) if votes else None
     return {"extracted": extracted, "correct": [is_equivalent(a, answer) for a in extracted],
             "majority": majority, "majority_correct": is_equivalent(majority, answer)}
 
@@ -187,14 +176,13 @@ def standard_error(values: list[float]) -> float | None:
 
 
 def summarize(rows: list[dict], k: int) -> dict:
-    """avg@k (the mean accuracy over all completions: the paper's headline) and its standard errors over the
-    k samples (the spread of the k avg@1s: what a rerun with other seeds would move it by) and over the
-    problems (what other problems would), pass@j for j = 1, 2, 4, ..., k, maj@k, the mean completion length
-    in tokens and the fraction of completions cut off at the limit."""
+    """avg@k (the mean accuracy over all completions) with its standard errors over the k samples (the spread of
+    the k avg@1s: what a rerun with other seeds would move it by) and over the problems (what other problems
+    would), pass@j for j = 1, 2, 4, ..., k, maj@k, the mean completion length and the fraction cut at the limit."""
     scores = {"problems": len(rows), "samples": k, f"avg@{k}": mean([mean(r["correct"]) for r in rows]),
               "se_samples": standard_error([mean([r["correct"][s] for r in rows]) for s in range(k)]),
               "se_problems": standard_error([mean(r["correct"]) for r in rows])}
-    for j in sorted({2 ** i for i in range(k.bit_length()) if 2 ** i <= k} | {k}):
+    for j in sorted({2 ** i for i in range(k.bit_length())} | {k}):
         scores[f"pass@{j}"] = mean([pass_at_k(k, sum(r["correct"]), j) for r in rows])
     scores[f"maj@{k}"] = mean([r["majority_correct"] for r in rows])
     scores["mean_length"] = mean([n for r in rows for n in r["lengths"]])
@@ -207,10 +195,9 @@ def evaluate(model, tokenizer, examples: list[Example], with_reference: bool = F
              samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0, out_path: str | None = None,
              progress: bool = False, paper: bool = False, fast: bool = False) -> dict:
-    """Samples `samples` completions per problem and returns summarize's scores; out_path gets one JSONL row
-    per problem. The student sees the question alone; with_reference=True gives the teacher's context.
-    paper=True evaluates as the paper does on its benchmarks: evaluation_prompt, and the last \\boxed{} only.
-    fast=True samples through sampling.sample_fast."""
+    """summarize's scores of `samples` completions per problem, from the question alone or (with_reference) the
+    teacher's context; out_path gets one JSONL row per problem. paper=True: as the paper evaluates its benchmarks,
+    evaluation_prompt and the last \\boxed{} only. fast=True: sampling.sample_fast."""
     if with_reference and not all(ex.solution for ex in examples):
         raise ValueError("with_reference needs reference solutions, and some problems have none: name the "
                          "column with --solution_column")
@@ -241,17 +228,16 @@ def evaluate(model, tokenizer, examples: list[Example], with_reference: bool = F
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny/model", help="local path or hub name of the model; a run folder "
-                        "(or its `latest`): its newest checkpoint")
-    parser.add_argument("--dataset", default="builtin", help="'builtin', 'builtin_other', a preset (" +
-                        ", ".join(PRESETS) + "), a hub data set or a local JSON/JSONL/CSV/parquet file")
+    parser.add_argument("--model", default="tiny/model", help="path, hub name, or run folder (its newest checkpoint)")
+    parser.add_argument("--dataset", default="builtin",
+                        help=f"builtin, builtin_other, a preset ({', '.join(PRESETS)}), a hub data set or a file")
     parser.add_argument("--split", default="test", help="split of a hub data set (one with a single split uses it)")
     parser.add_argument("--n", type=int, default=None, help="number of problems (default: all; built-in: 500)")
     for column in ("question", "solution", "answer"):
         parser.add_argument(f"--{column}_column", default="", help=f"column of the {column}s (default: the preset's)")
     parser.add_argument("--with_reference", action="store_true", help="show the reference solution (teacher)")
     parser.add_argument("--thinking", action=argparse.BooleanOptionalAction, help="chat template thinking flag "
-                        "(default: as in training, the teacher's (on) with the reference, the student's (off) without)")
+                        "(default: on with --with_reference, off without, as in training)")
     parser.add_argument("--samples", type=int, default=1, help="completions per problem (k of avg@k)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top_p", type=float, default=1.0)
@@ -262,8 +248,8 @@ def main():
     parser.add_argument("--fast", action="store_true", help="a static cache and a compiled decode step (GPUs)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
-    parser.add_argument("--out", default=None, help="JSONL of every completion, and beside it the scores (default: "
-                        "runs/eval/MODEL_DATASET[_with_reference].jsonl)")
+    parser.add_argument("--out", default=None, help="JSONL of every completion, scores beside it "
+                        "(default: runs/eval/MODEL_DATASET[_with_reference].jsonl)")
     args = parser.parse_args()
 
     paper = args.dataset in BENCHMARKS or args.dataset in (PRESETS[b][0] for b in BENCHMARKS)

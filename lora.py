@@ -2,14 +2,11 @@
 
 A frozen linear layer W gets a trainable low-rank update,
     y = W x + (alpha / r) B A x,    A (r, in) random, B (out, r) zero,
-so that training starts exactly at the base model. OPSD's fixed teacher is then the same network with its
-adapters switched off (`adapters_off`): no second copy of the weights. The adapters are float32 whatever the
-model's dtype, and so are merged weights: at a small learning rate the update is about one bf16 step of W,
-and rounding W + (alpha / r) B A to bf16 would lose most of it.
-Owns: wrapping a model's linear layers (by default every one but the LM head), switching the adapters off,
-saving and loading the adapters with their settings and the name of their base model, merging them.
-Leaves out: dropout on the adapters, other adapter kinds (DoRA, IA3), quantised base weights, adapters on
-weights that are not linear layers (the batched experts of a mixture of experts: named at start, frozen).
+so that training starts exactly at the base model; OPSD's fixed teacher is this network with its adapters off
+(`adapters_off`), no second copy of the weights. Adapters and merged weights are float32 whatever the model's dtype:
+at a small learning rate the update is about one bf16 step of W, which W + (alpha / r) B A in bf16 would mostly lose.
+Owns: wrapping linear layers, switching the adapters off, saving them with their base model's name, loading, merging.
+Leaves out: adapter dropout, DoRA and IA3, quantised base weights, adapters outside linear layers (MoE experts: frozen).
 """
 
 import contextlib
@@ -21,6 +18,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 LINEAR = (torch.nn.Linear, Conv1D)  # GPT-2's Conv1D is a linear layer too, its weight stored as (in, out)
+SETTINGS = "opsd_lora.json"  # beside adapters.pt; not PEFT's adapter_config.json, which from_pretrained would read
 
 
 class LoRALinear(torch.nn.Module):
@@ -34,9 +32,9 @@ class LoRALinear(torch.nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        if not self.enabled:
-            return y
-        return y + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(y.dtype)
+        if self.enabled:
+            y = y + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(y.dtype)
+        return y
 
     def merged_weight(self) -> torch.Tensor:
         update = self.scale * self.lora_B @ self.lora_A  # (out, in)
@@ -44,8 +42,8 @@ class LoRALinear(torch.nn.Module):
 
 
 def add_lora(model, rank: int, alpha: float, targets: list[str]):
-    """Wraps every linear layer named in targets (q_proj, ...; "all": every one but the LM head) in a
-    LoRALinear and freezes all other weights. Says which weights cannot take adapters (not linear layers)."""
+    """Wraps the linear layers named in targets (q_proj, ...; "all": all but the LM head), freezes the rest, and
+    names the weights that cannot take adapters (not linear layers)."""
     model.requires_grad_(False)
     head = model.get_output_embeddings()
     layers = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
@@ -70,7 +68,6 @@ def lora_layers(model) -> list[LoRALinear]:
 
 
 def describe_lora(model) -> str:
-    """One line: the kinds of layers with adapters, how many, and the trainable parameters."""
     names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return (f"LoRA on {len(lora_layers(model))} layers ({', '.join(names)}): {trainable:,} trainable parameters, "
@@ -93,18 +90,13 @@ def adapter_state(model) -> dict:
     return {name: value for name, value in model.state_dict().items() if ".lora_" in name}
 
 
-SETTINGS = "opsd_lora.json"  # beside adapters.pt; not PEFT's adapter_config.json, which from_pretrained would read
-
-
 def save_adapters(model, folder: Path, base_model: str, rank: int, alpha: float, targets: list[str]):
-    """adapters.pt, and beside it what load_adapters needs: the base model, rank, alpha and targets."""
     torch.save(adapter_state(model), folder / "adapters.pt")
     settings = {"base_model": base_model, "rank": rank, "alpha": alpha, "targets": targets}
     (folder / SETTINGS).write_text(json.dumps(settings, indent=1))
 
 
 def load_adapters(model, folder: Path):
-    """Wraps the base model's layers as save_adapters recorded, and loads the trained adapters onto them."""
     settings = json.loads((folder / SETTINGS).read_text())
     add_lora(model, settings["rank"], settings["alpha"], settings["targets"])
     state = torch.load(folder / "adapters.pt", weights_only=True, map_location=model.device)
@@ -115,10 +107,8 @@ def load_adapters(model, folder: Path):
 
 
 def merged_state_dict(model) -> dict:
-    """The weights with every adapter folded in (W + alpha / r B A), named as in the base model, all in
-    float32, so that save_pretrained writes a model that from_pretrained loads without opsd."""
+    """The float32 weights with the adapters folded in, named as in the base model: loadable without opsd."""
     state = {k.replace(".base.", "."): v.float() if v.is_floating_point() else v
              for k, v in model.state_dict().items() if ".lora_" not in k}
-    state.update({f"{name}.weight": m.merged_weight() for name, m in model.named_modules()
-                  if isinstance(m, LoRALinear)})
-    return state
+    merged = {f"{name}.weight": m.merged_weight() for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return state | merged

@@ -7,18 +7,16 @@ teacher re-scores the same tokens in one forward pass; training minimises, on th
     L = E_x E_{y_hat ~ p_S} [ 1/|y_hat| sum_n D( p_T(. | x, y*, y_hat_<n) || p_S(. | x, y_hat_<n) ) ]   (Eq. 7)
 
 The code averages over all completion tokens of a step rather than per rollout (train_step says why).
-Owns the method, in the algorithm's order: 1. rollouts, 2. the two-context forward pass, 3. the
-divergences, 4. the loss of one batch (`opsd_loss`, the SFT and GRPO baselines beside it), 5. one optimizer
-step (`train_step`), 6. the fused path (the same divergence without (N, V) logits); then the engineering:
-the settings (`Config`: `cfg` everywhere above, each field a flag), evaluation during training, torchrun,
-checkpoints and the loop (`train`). It builds on sampling.py (`load_model`, `sample`, `stop_ids`, ...), lora.py
-(adapters), evaluate.py (grading) and data.py (the task and the two prompts); none of them imports it.
-Several GPUs: `torchrun --nproc_per_node=N opsd.py` splits each step's problems over N processes
-(`start_processes`, `all_sum` and the lines marked "torchrun:"). Leaves out: FSDP, vLLM, peft, a Trainer.
-Shapes: B rollouts, P prompt length, L completion length, V vocabulary, H hidden size, N completion
-tokens of a batch, C tokens per chunk of the fused divergence.
+Owns the method, in the algorithm's order: 1. rollouts, 2. the two-context forward pass, 3. the divergences,
+4. the loss of one batch (`opsd_loss`; the SFT and GRPO baselines beside it), 5. one optimizer step
+(`train_step`), 6. the fused path (no (N, V) logits); then the engineering: `Config` (`cfg` above), evaluation
+during training, torchrun (`torchrun --nproc_per_node=N opsd.py` splits each step's problems; the lines marked
+"torchrun:"), checkpoints and the loop `train`. It builds on sampling.py, lora.py, evaluate.py and data.py,
+none of which imports it. Leaves out: FSDP, vLLM, peft, a Trainer.
+Shapes: B rollouts, P prompt length, L completion length, V vocabulary, H hidden size, N completion tokens
+of a batch, C tokens per chunk of the fused divergence.
 
-    python opsd.py           # the built-in demo: tiny model, synthetic task, CPU, 7 to 16 minutes
+    python opsd.py           # the built-in demo: tiny model, synthetic task, CPU, 5 to 10 minutes
     python opsd.py --help    # every setting
 """
 
@@ -86,11 +84,9 @@ def pad_right(completions: list[list[int]], device) -> torch.Tensor:
 
 def completion_batch(prompts: list[list[int]], completions: list[list[int]], device):
     """The inputs of one forward pass that scores each completion after its prompt, and the mask (B, L) of
-    real completion tokens. Row i is laid out as [pads, prompt_i, completion_i, pads]: with P prompt columns, every
-    prompt ends in column P - 1, so completion token j sits in column P + j of every row and is predicted from
-    column P + j - 1.
-    No pad ever sits between a prompt and its completion, so student and teacher prompts give the same
-    completion ids at the same offsets."""
+    real completion tokens. Row i is [pads, prompt_i, completion_i, pads]: every prompt ends in column P - 1, so
+    completion token j sits in column P + j of every row, after the student's prompts as after the teacher's,
+    and is predicted from column P + j - 1."""
     prompt_ids, prompt_mask = pad_left(prompts, 0, device)  # (B, P), (B, P)
     completion_ids = pad_right(completions, device)  # (B, L)
     lengths = torch.tensor([len(c) for c in completions], device=device)
@@ -304,9 +300,8 @@ def train_step(model, teacher, optimizer, rollouts: Rollouts, cfg: "Config", lr:
     optimizer.zero_grad(set_to_none=True)
     if 0 < cfg.teacher_decay < 1:
         update_ema(teacher, model, cfg.teacher_decay)
-    generated = 0 if cfg.method == "sft" else n_tokens
-    return {**totals, "length": n_tokens / n_rollouts, "tokens": n_tokens, "generated": generated,
-            "fused": fused}
+    return {**totals, "length": n_tokens / n_rollouts, "tokens": n_tokens,
+            "generated": 0 if cfg.method == "sft" else n_tokens, "fused": fused}  # SFT samples nothing
 
 
 @torch.no_grad()
@@ -426,9 +421,8 @@ def fused_divergence(student_hidden, teacher_hidden, weight, mask, beta=0.0, tem
     materialising the logits. Hidden states (B, L, H) or (N, H), mask (B, L) or (N,), weight (V, H); the
     teacher's weight defaults to the student's. Gradients reach student_hidden and weight only. Given the
     completion ids (B, L) or (N,) as sampled_ids, the loss is sampled_token_loss instead (stats unchanged).
-    chunk_size: tokens per chunk; by default as many as CHUNK_BYTES holds. Large chunks keep the matmuls
-    large: at V = 151,936 on 2 CPU cores, one forward + backward of 1,024 tokens took 83 s in chunks of 32
-    and 40 s in chunks of 512."""
+    chunk_size: tokens per chunk; by default as many as CHUNK_BYTES holds, large chunks for large matmuls
+    (docs/fused.md: twice as fast at 512 tokens as at 32)."""
     H, V = student_hidden.size(-1), weight.size(0)
     chunk_size = chunk_size or max(1, CHUNK_BYTES // (8 * 4 * V))
     index = mask.reshape(-1).nonzero().squeeze(-1)  # (N,): the rows that are completion tokens
@@ -482,70 +476,54 @@ class Config:
     # model, data, run
     model: str = option("tiny/model", "base model: a local path or a hub name")
     trust_remote_code: bool = option(False, "run the code of the model's own repository (only if you trust it)")
-    dtype: str = option("auto", "compute dtype: auto (bfloat16 on a GPU that supports it, else float32), float32 or "
-                        "bfloat16. Weights that accumulate updates (trained weights, LoRA adapters, an EMA teacher) "
-                        "are float32 whatever it is, and so are the losses")
-    dataset: str = option("builtin", "'builtin', 'builtin_other' (its references in another style; use it with "
-                          "--model tiny/model_other), a preset (openthoughts: the paper's, gsm8k, math), a hub data "
-                          "set or a local JSON/JSONL/CSV/parquet file")
+    dtype: str = option("auto", "compute dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16")
+    dataset: str = option("builtin", "builtin, builtin_other (references in another style: tiny/model_other), a preset "
+                          "(openthoughts: the paper's, gsm8k, math), a hub data set or a JSON/JSONL/CSV/parquet file")
     question_column: str = option("", "column of the problems (default: the preset's, else 'question')")
     solution_column: str = option("", "column of the reference solutions (default: the preset's, else 'solution')")
-    answer_column: str = option("", "column of the final answers (default: the preset's, else read from the "
-                                "solution: its last \\boxed{} or what follows '####')")
-    eval_dataset: str = option("", "held-out problems to evaluate on (default: the built-in task's test split, or "
-                               "eval_size problems of --dataset kept out of training)")
+    answer_column: str = option("", "column of the final answers (default: the preset's, else read from the solution)")
+    eval_dataset: str = option("", "held-out problems (default: the built-in test split, or eval_size of --dataset)")
     eval_columns: str = option("", "--eval_dataset's question,solution,answer columns (default: its preset's)")
-    max_prompt_tokens: int = option(2048, "longest prompt: a longer reference solution is cut in its middle, a "
-                                    "problem that still does not fit is skipped (both counted)")
-    out_dir: str = option("runs/opsd", "where metrics.jsonl and the checkpoints go")
+    max_prompt_tokens: int = option(2048, "longest prompt: a longer reference is cut in its middle, "
+                                    "a problem still too long is skipped")
+    out_dir: str = option("runs/opsd", "where metrics.jsonl, curves.png and the checkpoints go")
     resume: bool = option(False, "continue the run in out_dir from its last checkpoint")
     seed: int = option(0, "seed of the problem order, the sampling and the initialisation")
     # rollouts: one per problem, sampled from the student
-    batch_size: int = option(32, "problems per optimizer step, one rollout each unless group_size > 1 (paper: 32); "
-                             "with torchrun, split over the processes")
+    batch_size: int = option(32, "problems per step, group_size rollouts each; torchrun splits them (paper: 32)")
     micro_batch_size: int = option(32, "rollouts per forward pass (of each process); smaller accumulates gradients")
     max_new_tokens: int = option(40, "rollout length limit (paper: 1024)")
     temperature: float = option(1.0, "sampling temperature; the loss divides both logits by it too (paper: 1.1)")
     top_p: float = option(1.0, "nucleus sampling mass (paper: 0.95)")
     top_k: int = option(0, "sample among the k likeliest tokens; 0 keeps all (paper: 20)")
-    fast_sampling: bool = option(False, "rollouts and evaluation through sampling.sample_fast: a static cache and "
-                                 "a compiled decode step (for GPUs; on a CPU it takes minutes to compile)")
+    fast_sampling: bool = option(False, "a static cache and a compiled decode step (GPUs; a CPU compiles for minutes)")
     # the objective
-    method: str = option("opsd", "opsd, or a baseline in the same loop: sft (cross-entropy on the reference "
-                         "from the student prompt) or grpo (reward 1 for a right answer, normalised in each group)")
+    method: str = option("opsd", "opsd, or a baseline: sft (cross-entropy on references) or grpo (reward 1 if right)")
     group_size: int = option(1, "rollouts per problem, side by side (grpo needs 2 or more; the paper's GRPO: 8)")
-    beta: float = option(0.5, "0 forward KL(p_T||p_S) (paper v3), 1 reverse KL(p_S||p_T) (the KL limits of "
-                         "JSD_beta), between: JSD_beta (v1: 0.5)")
+    beta: float = option(0.5, "0 forward KL(p_T||p_S) (paper v3), 1 reverse KL, between: JSD_beta (v1: 0.5)")
     clip: float | None = option(None, "cap on each per-vocabulary term of the divergence (paper v3: 0.05); none = off")
-    sampled_token: bool = option(False, "sampled-token loss: -(log p_T - log p_S)(y_n) log p_S(y_n), a policy "
-                                 "gradient on the sampled tokens (the log-probs still take full log-softmaxes)")
+    sampled_token: bool = option(False, "the sampled-token loss, -(log p_T - log p_S)(y_n) log p_S(y_n), instead")
     fused: bool = option(True, "full-vocabulary divergence from hidden states, a chunk of tokens at a time")
     teacher_decay: float = option(1.0, "teacher EMA decay: 1 = fixed initial weights (paper), 0 = current weights")
     student_thinking: bool = option(False, "chat template thinking flag of the student prompt (paper's code: off)")
-    teacher_thinking: bool = option(True, "chat template thinking flag of the teacher prompt (paper's code: on). "
-                                    "Flags that differ make the first completion tokens diverge for reasons that "
-                                    "have nothing to do with the reference (upstream issue 10); equal flags avoid it")
+    teacher_thinking: bool = option(True, "the teacher prompt's (paper: on; flags that differ skew the first tokens)")
     # LoRA: low-rank adapters on the named linear layers; only they train
     lora_rank: int = option(0, "adapter rank; 0 trains every weight instead (paper: 64)")
     lora_alpha: float = option(128.0, "the adapters' update is alpha / rank * B A (paper: 128)")
-    lora_targets: str = option("all", "names of the linear layers that get adapters, e.g. q_proj,v_proj; all: every "
-                               "one but the LM head (paper: all projections)")
-    save_merged: bool = option(False, "with LoRA, checkpoints also hold the merged weights in float32, which load "
-                               "with from_pretrained (load_model loads the base model plus the adapters without them)")
+    lora_targets: str = option("all", "linear layers with adapters, e.g. q_proj,v_proj; all: every one but the LM head")
+    save_merged: bool = option(False, "with LoRA, checkpoints also hold the merged float32 weights (from_pretrained)")
     gradient_checkpointing: bool = option(False, "recompute activations during backward: less memory, slower")
     # optimisation
     steps: int = option(700, "optimizer steps (paper: about 100)")
     lr: float = option(1e-3, "AdamW learning rate (paper, LoRA on Qwen3: 5e-6)")
-    lr_schedule: str = option("linear", "constant, or linear (decay to 0 over --steps); the official run's decay "
-                              "spans 30 epochs, practically constant over its ~100 steps: the recipe uses constant")
+    lr_schedule: str = option("linear", "constant, or linear decay to 0 over --steps (the paper's: about constant)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     grad_clip: float = option(1.0, "clip the gradient norm to this (paper: 0.1)")
     # evaluation and checkpoints
     eval_every: int = option(100, "evaluate student and teacher on held-out problems every this many steps")
     eval_size: int = option(500, "held-out problems per evaluation (greedy, one completion each)")
     save_every: int = option(100, "write a checkpoint every this many steps (and at the end)")
-    keep_last: int = option(0, "keep only the newest this many checkpoints; 0 keeps every one (to evaluate each and "
-                            "keep the best, as the paper does)")
+    keep_last: int = option(0, "keep the newest this many checkpoints; 0 keeps all (to pick the best, as the paper)")
 
     def __post_init__(self):
         checks = {
@@ -596,13 +574,13 @@ def evaluate_both(model, teacher, tokenizer, examples, cfg: Config) -> dict:
     """Held-out accuracy of the student (question alone) and of the teacher (with the reference), greedy,
     sampled batch_size problems at a time like the rollouts (so no larger KV cache). The baselines have no
     teacher: their teacher column is the current weights with the reference."""
-    student = evaluate(model, tokenizer, examples, with_reference=False, thinking=cfg.student_thinking,
-                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, fast=cfg.fast_sampling)["avg@1"]
+    def accuracy(net, with_reference, thinking):
+        return evaluate(net, tokenizer, examples, with_reference=with_reference, thinking=thinking,
+                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, fast=cfg.fast_sampling)["avg@1"]
+
+    student = accuracy(model, False, cfg.student_thinking)
     with adapters_off(teacher, cfg.method == "opsd" and cfg.teacher_decay == 1):
-        teacher = evaluate(teacher, tokenizer, examples, with_reference=True, thinking=cfg.teacher_thinking,
-                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                           fast=cfg.fast_sampling)["avg@1"]
-    return {"student_acc": student, "teacher_acc": teacher}
+        return {"student_acc": student, "teacher_acc": accuracy(teacher, True, cfg.teacher_thinking)}
 
 
 def start_processes(cfg: Config) -> tuple[int, int]:
@@ -720,13 +698,12 @@ def build_models(cfg: Config, checkpoint: Path | None):
         teacher.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    start = 0
-    if checkpoint:
-        state = torch.load(checkpoint / "state.pt", weights_only=True, map_location=model.device)
-        start = state["step"]
-        optimizer.load_state_dict(state["optimizer"])
-        print(f"resuming from {checkpoint} at step {start}")
-    return model, teacher, tokenizer, optimizer, start
+    if not checkpoint:
+        return model, teacher, tokenizer, optimizer, 0
+    state = torch.load(checkpoint / "state.pt", weights_only=True, map_location=model.device)
+    optimizer.load_state_dict(state["optimizer"])
+    print(f"resuming from {checkpoint} at step {state['step']}")
+    return model, teacher, tokenizer, optimizer, state["step"]
 
 
 def load_data(cfg: Config) -> tuple[list[Example], list[Example]]:

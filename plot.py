@@ -1,8 +1,7 @@
-"""A picture of a run: `plot_run(out_dir)` reads `out_dir/metrics.jsonl`, which `opsd.train` writes (a row
-per step, a row per held-out evaluation), and draws its curves against the step into `out_dir/curves.png`.
-It reads a finished run or one still writing. Left out: smoothing, several runs in one figure, anything
-interactive. It imports nothing of opsd's, and matplotlib only when it draws (the Agg renderer, so a
-notebook's plotting backend is left alone).
+"""A picture of a run: `plot_run(out_dir)` draws the curves of `out_dir/metrics.jsonl` (`opsd.train` writes a row
+per step and a row per held-out evaluation) against the step into `out_dir/curves.png`, for a finished run or one
+still writing. Left out: smoothing, several runs in one figure, anything interactive. It imports nothing of opsd's,
+and matplotlib only when it draws (the Agg renderer: a notebook's plotting backend is left alone).
 
     python plot.py runs/opsd        # writes runs/opsd/curves.png and prints its path
 """
@@ -31,8 +30,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_run(out_dir) -> Path:
-    """Draws out_dir/metrics.jsonl into out_dir/curves.png and returns that path. A missing folder or file
-    (OSError) or a file without rows (ValueError) is an error, and then nothing is written."""
+    """Draws out_dir/metrics.jsonl into out_dir/curves.png and returns that path; on an error it writes nothing."""
     out = Path(out_dir)
     if not (out / "metrics.jsonl").is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {out}" if out.is_dir() else f"no such folder: {out}")

@@ -1,10 +1,8 @@
 """sampling.py: a model, and completions sampled from it.
 
-Owns: loading a model and its tokenizer on the best device (an opsd LoRA checkpoint as its base model plus
-its adapters), the ids that end a completion, left-padding a batch of prompts, drawing one token
-(temperature, top-k, top-p) and the sampling loop with a KV cache, plain (the reference) or fast (a static
-cache and a compiled decode step, for GPUs). Both the training loop (the student's rollouts, opsd.py) and the
-evaluation loop (evaluate.py) sample through `sample`.
+Owns: loading a model on the best device (an opsd LoRA checkpoint as its base model plus adapters), the ids that end
+a completion, left padding, drawing one token (temperature, top-k, top-p) and `sample`, the loop with a KV cache that
+opsd.py's rollouts and evaluate.py use: plain (the reference) or fast (a static cache, a compiled step: for GPUs).
 Leaves out: beam search, repetition penalties, speculative decoding, a paged cache.
 Shapes: B prompts, P padded prompt length, V vocabulary.
 """
@@ -31,17 +29,14 @@ def best_device() -> str:
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
-    """auto: bfloat16 on a GPU that supports it, else float32."""
     if dtype == "auto":
         return torch.bfloat16 if best_device() == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, dtype)
 
 
 def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False):
-    """Model and tokenizer, on the best device (cuda, then mps, then cpu), in resolve_dtype(dtype). A LoRA
-    checkpoint of opsd (a folder with lora.SETTINGS) loads as its base model plus its float32 adapters:
-    exactly the model that trained, where merging them into bf16 weights would round most of the update away.
-    A name that cannot be loaded is a ValueError that says why."""
+    """Model and tokenizer on best_device(), in resolve_dtype(dtype), or a ValueError that says why. An opsd LoRA
+    checkpoint (a folder with lora.SETTINGS) is its base model plus its float32 adapters: the model that trained."""
     path = Path(name_or_path)
     if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
         raise ValueError(f"no folder {name_or_path!r} (and it is no hub name): check the path")
@@ -69,15 +64,14 @@ def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool =
 
 
 def stop_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS and those of the model's generation config
-    (Qwen3's lists two, <|im_end|> and <|endoftext|>)."""
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's (Qwen3 lists two)."""
     listed = getattr(model.generation_config, "eos_token_id", None)
     return sorted({tokenizer.eos_token_id, *([listed] if isinstance(listed, int) else listed or [])})
 
 
 def pad_left(prompts: list[list[int]], pad_token_id: int, device, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (B, P) with the pads on the left, so that every prompt ends in the last column, and the
-    attention mask (B, P), 0 on the pads. P is the longest prompt's length, or width if that is more."""
+    """Ids and attention mask (B, P), pads (mask 0) on the left: every prompt ends in the last column. P is the
+    longest prompt's length, or width if that is more."""
     width = max(width, *map(len, prompts))
     ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -85,8 +79,7 @@ def pad_left(prompts: list[list[int]], pad_token_id: int, device, width: int = 0
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> torch.Tensor:
-    """One token per row (B,) from logits (B, V): greedy at temperature 0, else a draw from
-    filtered_logits."""
+    """One token per row (B,) from logits (B, V): greedy at temperature 0, else a draw from filtered_logits."""
     if temperature == 0:
         return logits.argmax(-1)
     logits, ids = filtered_logits(logits, temperature, top_p, top_k)  # (B, K), (B, K) or None
@@ -95,10 +88,9 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: in
 
 
 def filtered_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int):
-    """Logits in float32 with temperature, top-k and top-p applied in that order (as transformers does, except
-    that a tie with the k-th best is not kept), the tokens left out at -inf; and which token each column
-    stands for. With top_k, only the k best are kept, sorted: (B, k) logits and their ids (B, k), so that
-    top-p sorts k logits, not V. Without: (B, V) and None."""
+    """Logits in float32 after temperature, top-k and top-p, in that order (as transformers, except that a tie with
+    the k-th best is not kept), those left out at -inf, and the token of each column. With top_k the k best, sorted:
+    (B, k) and their ids (B, k), so that top-p sorts k logits, not V; without, (B, V) and None."""
     logits, ids = logits.float() / temperature, None
     if top_k > 0:
         logits, ids = logits.topk(min(top_k, logits.size(-1)))  # (B, k) each, best first
@@ -129,8 +121,8 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: fl
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
     cache = DynamicCache(config=model.config)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
-    stop_tensor = torch.tensor(stops, device=model.device)  # made once, not once per token
     tokens = []
+    stop_tensor = torch.tensor(stops, device=model.device)  # made once, not once per token
     for t in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                        logits_to_keep=1).logits[:, -1]  # (B, V)
@@ -148,9 +140,8 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: fl
 
 
 def check_cache_used(cache, width: int):
-    """After the prefill the cache must hold the prompt's width. If it is empty the model ignored it, and every
-    token would be predicted from itself alone: wrong samples and no error. (transformers before 5.24 calls the
-    keyword past_key_values and drops cache= silently.)"""
+    """After the prefill the cache must hold the prompt's width. A model that ignores its cache predicts every token
+    from itself alone: wrong samples and no error (transformers before 5.24 drops cache= silently)."""
     if int(cache.get_seq_length()) != width:
         raise ValueError(f"the model did not fill its KV cache (transformers {transformers.__version__}; opsd "
                          "passes cache=, which needs 5.24 or later, and a model's own code, trust_remote_code, "
@@ -158,15 +149,13 @@ def check_cache_used(cache, width: int):
 
 
 def cut_after_stop(tokens: torch.Tensor, stops: list[int]) -> list[list[int]]:
-    """The rows of tokens (B, new tokens), each up to and with its first stop id: rows that finished early
-    carry junk after it."""
+    """Each row of tokens (B, N) up to and with its first stop id: rows that finished early carry junk after it."""
     return [row[:next((i + 1 for i, token in enumerate(row) if token in stops), len(row))] for row in tokens.tolist()]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The fast path. The plain loop spends most of a GPU's time in Python: each token launches hundreds of small
-# kernels (every layer, every LoRA adapter), the cache grows and `finished.all()` waits for the GPU. The
-# tricks of gpt-fast (PyTorch's reference sampler), each in a line below:
+# The fast path. The plain loop spends most of a GPU's time in Python: each token launches hundreds of small kernels
+# (every layer, every LoRA adapter), the cache grows and `finished.all()` waits for the GPU. Below, gpt-fast's tricks:
 
 BUCKET = 64  # prompts are left-padded to 64, 128, 256... tokens: a handful of compiled graphs, not one per length
 CHECK_EVERY = 16  # tokens between the checks whether every row is done: the loop's only waits for the GPU
@@ -175,17 +164,15 @@ PACKED = "opsd_packed_sdpa"  # the attention the fast path gives a model that us
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention, except that a single query token attends with its grouped-query heads
-    packed, (B, H, 1, D) -> (B, H_kv, H / H_kv, D): the cache's keys and values are read once, never copied to
-    every query head. (transformers packs them only when not compiling; compiled, its repeat_kv copies the
-    whole static cache in every layer at every token.) The same arithmetic as transformers' uncompiled path."""
+    """transformers' SDPA, but one query token attends with its grouped-query heads packed, reading the cache once:
+    (B, H, 1, D) -> (B, H_kv, H / H_kv, D), as transformers does uncompiled (compiled, repeat_kv copies it per head)."""
     groups = getattr(module, "num_key_value_groups", 1)
     if query.size(2) > 1 or groups == 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap") or (
             attention_mask is not None and attention_mask.size(1) > 1):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     B, H, _, D = query.shape
-    out = F.scaled_dot_product_attention(query.reshape(B, H // groups, groups, D), key, value,
-                                         attn_mask=attention_mask, dropout_p=dropout, scale=scaling)  # (B, H_kv, H / H_kv, D)
+    packed = query.reshape(B, H // groups, groups, D)  # (B, H_kv, H / H_kv, D), and so is out
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.reshape(B, 1, H, value.size(-1)), None  # (B, 1, H, D): H_kv x groups is the head order
 
 
@@ -195,7 +182,6 @@ AttentionMaskInterface.register(PACKED, sdpa_mask)  # the same masks as SDPA
 
 @contextlib.contextmanager
 def packed_attention(model):
-    """A model that uses transformers' SDPA attends through packed_sdpa inside the block, and as before after it."""
     sdpa = model.config._attn_implementation == "sdpa"
     if sdpa:
         model.set_attn_implementation(PACKED)
@@ -207,9 +193,8 @@ def packed_attention(model):
 
 
 def decode_step(model, token, mask, position, cache_position, cache, noise, temperature, top_p, top_k):
-    """One token per row (B, 1) after token (B, 1), all shapes fixed. The draw is an exponential race,
-    argmax p / E with E ~ Exp(1), which draws from p: the noise (B, K) comes from outside, so that a seeded
-    generator does not break the compiled graph."""
+    """One token per row (B, 1) after token (B, 1), all shapes fixed. The draw is an exponential race, argmax p / E
+    with E ~ Exp(1), a draw from p; the noise (B, K) comes from outside: a seeded generator inside breaks the graph."""
     logits = model(input_ids=token, attention_mask=mask, position_ids=position, cache=cache,
                    cache_position=cache_position, logits_to_keep=1).logits[:, -1]  # (B, V)
     if temperature == 0:
@@ -221,10 +206,8 @@ def decode_step(model, token, mask, position, cache_position, cache, noise, temp
 
 @functools.cache
 def compiled_decode_step(backend, cuda: bool):
-    """decode_step compiled whole (fullgraph: an unsupported op is an error, not a silent slow path), one graph
-    per batch size, prompt bucket, length and sampling setting (and LoRA adapters on or off). On CUDA, mode
-    reduce-overhead records each as a CUDA graph: one replay per token, no launches from Python; LoRA
-    adapters are inside the graph and cost no extra launches."""
+    """decode_step compiled whole (fullgraph: an unsupported op is an error, not a silent slow path), a graph per
+    shape, sampling setting and adapters on or off; on CUDA, mode reduce-overhead makes each a CUDA graph."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # default 8: an error
     return torch.compile(decode_step, backend=backend, mode="reduce-overhead" if cuda and backend == "inductor"
                          else None, fullgraph=True, dynamic=False)
@@ -232,15 +215,14 @@ def compiled_decode_step(backend, cuda: bool):
 
 @functools.lru_cache(maxsize=4)
 def static_cache(model, batch_size: int, length: int) -> StaticCache:
-    """A KV cache of its final length, allocated once per model and shape and reset before each use: a CUDA graph
-    needs its tensors at fixed addresses. The last four stay allocated (rollouts, the student's and the
-    teacher's evaluations), each at full length: static_cache.cache_clear() frees them."""
+    """A KV cache at its final length, made once per model and shape (a CUDA graph needs fixed addresses) and reset
+    before each use. The last four stay allocated (rollouts and evaluations): static_cache.cache_clear() frees them."""
     return StaticCache(config=model.config, max_cache_len=length)
 
 
 def slides(model) -> bool:
-    """Whether some layers attend over a sliding window (Mistral, Gemma 2 and 3): their static cache counts in a
-    Python int, so the compiled step would recompile at every token. Those models sample on the plain loop."""
+    """Whether some layers attend over a sliding window (Mistral, Gemma 2, 3): their static cache counts in a Python
+    int, so the compiled step would recompile at every token (they sample on the plain loop)."""
     config = model.config.get_text_config()
     layers = getattr(config, "layer_types", None) or []
     return "sliding_attention" in layers or (not layers and getattr(config, "sliding_window", None) is not None)
@@ -248,11 +230,10 @@ def slides(model) -> bool:
 
 @torch.no_grad()
 def sample_fast(model, prompts, max_new_tokens, temperature, top_p, top_k, stops, pad_token_id, generator):
-    """`sample` with every decode step of the same shapes, compiled. Rows that finish keep running (their tokens
-    are cut off afterwards) so that the batch never changes shape; the attention mask, allocated at full
-    length, and the positions are updated in place. Batches are padded with copies of their first prompt to a
-    power of two rows: with a batch size that is one (32 by default), the last, smaller batch of an evaluation
-    runs the full batch's graph."""
+    """`sample` with every decode step of the same shapes, compiled. Rows that finish keep running (cut afterwards), so
+    the batch never changes shape; the mask (allocated at full length) and positions change in place. Batches are padded
+    to a power of two rows with copies of their first prompt: at a power-of-two batch size (32 by default), an
+    evaluation's last, smaller batch runs the full batch's graph."""
     rows = len(prompts)
     prompts = prompts + prompts[:1] * ((1 << (rows - 1).bit_length()) - rows)
     width = max(BUCKET, 1 << (max(map(len, prompts)) - 1).bit_length())  # the next power of two

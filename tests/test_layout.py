@@ -68,3 +68,11 @@ def test_no_function_is_longer_than_about_80_lines():
         for node in ast.walk(ast.parse((ROOT / f"{module}.py").read_text())):
             if isinstance(node, ast.FunctionDef):
                 assert node.end_lineno - node.lineno < 85, f"{module}.{node.name} is too long to read at once"
+
+
+def test_the_readme_gives_each_modules_line_count():
+    readme = (ROOT / "README.md").read_text()
+    counts = {m: len((ROOT / f"{m}.py").read_text().splitlines()) for m in MODULES}
+    assert dict(re.findall(r"^\| `(\w+)\.py` \| ([\d,]+) \|", readme, re.MULTILINE)) == {
+        m: f"{n:,}" for m, n in counts.items()}, "update the line counts in the README's file table"
+    assert f"`opsd.py` ({counts['opsd']:,} lines), on five small ones ({sum(counts.values()):,} lines in all)" in readme
