@@ -506,7 +506,8 @@ class Config:
     fused: bool = option(True, "full-vocabulary divergence from hidden states, a chunk of tokens at a time")
     teacher_decay: float = option(1.0, "teacher EMA decay: 1 = fixed initial weights (paper), 0 = current weights")
     student_thinking: bool = option(False, "chat template thinking flag of the student prompt (paper's code: off)")
-    teacher_thinking: bool = option(True, "the teacher prompt's (paper: on; flags that differ skew the first tokens)")
+    teacher_thinking: bool = option(True, "chat template thinking flag of the teacher prompt (paper's code: on; "
+                                    "flags that differ skew the first completion tokens: data.render)")
     # LoRA: low-rank adapters on the named linear layers; only they train
     lora_rank: int = option(0, "adapter rank; 0 trains every weight instead (paper: 64)")
     lora_alpha: float = option(128.0, "the adapters' update is alpha / rank * B A (paper: 128)")
