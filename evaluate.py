@@ -197,7 +197,7 @@ def evaluate(model, tokenizer, examples: list[Example], with_reference: bool = F
              progress: bool = False, paper: bool = False, fast: bool = False) -> dict:
     """summarize's scores of `samples` completions per problem, from the question alone or (with_reference) the
     teacher's context; out_path gets one JSONL row per problem. paper=True: as the paper evaluates its benchmarks,
-    evaluation_prompt and the last \\boxed{} only. fast=True: sampling.sample_fast."""
+    evaluation_prompt and the last \\boxed{} only. fast=True: sampling.sample's fast path."""
     if with_reference and not all(ex.solution for ex in examples):
         raise ValueError("with_reference needs reference solutions, and some problems have none: name the "
                          "column with --solution_column")

@@ -78,13 +78,16 @@ def pad_left(prompts: list[list[int]], pad_token_id: int, device, width: int = 0
     return ids, mask
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> torch.Tensor:
-    """One token per row (B,) from logits (B, V): greedy at temperature 0, else a draw from filtered_logits."""
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator=None, noise=None):
+    """One token per row (B,) from logits (B, V): greedy at temperature 0, else a draw from filtered_logits. Given
+    noise E (B, K) ~ Exp(1), the draw is the exponential race argmax p / E, what torch.multinomial(p, 1) computes
+    with its generator's noise: a compiled step takes the noise from outside (a seeded generator breaks its graph)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits, ids = filtered_logits(logits, temperature, top_p, top_k)  # (B, K), (B, K) or None
-    drawn = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1), a column of logits
-    return (drawn if ids is None else ids.gather(-1, drawn)).squeeze(-1)
+    probs = logits.softmax(-1)
+    drawn = torch.multinomial(probs, 1, generator=generator) if noise is None else (probs / noise).argmax(-1, True)
+    return (drawn if ids is None else ids.gather(-1, drawn)).squeeze(-1)  # drawn (B, 1): a column of logits
 
 
 def filtered_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int):
@@ -103,40 +106,69 @@ def filtered_logits(logits: torch.Tensor, temperature: float, top_p: float, top_
     return logits, ids
 
 
+def decode_step(model, token, mask, position, cache_position, cache, temperature, top_p, top_k, noise=None,
+                generator=None) -> torch.Tensor:
+    """The token (B, 1) after token (B, 1) at positions (B, 1), attending over the mask's columns (cache_position: the
+    token's column). The fast path compiles it: it is then given the noise of the draw, not a generator (next_token)."""
+    logits = model(input_ids=token, attention_mask=mask, position_ids=position, cache=cache,
+                   cache_position=cache_position, logits_to_keep=1).logits[:, -1]  # (B, V)
+    return next_token(logits, temperature, top_p, top_k, generator, noise)[:, None]
+
+
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
            top_k: int = 0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
            generator: torch.Generator | None = None, fast: bool = False) -> list[list[int]]:
     """One completion per prompt. Each ends after its first EOS (kept; eos_token_id is one id or a list of
-    them, e.g. stop_ids) or at max_new_tokens. fast=True: sample_fast, the same tokens at temperature 0."""
+    them, e.g. stop_ids) or at max_new_tokens. The prompt is read in one forward pass (the prefill), then one token
+    at a time with a KV cache. fast=True (for GPUs) runs the same loop on fixed shapes, compiled (the fast path
+    below): the same tokens at temperature 0, and, from the same generator state at a power-of-two batch size, the
+    same draws (up to rounding near ties)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: a completion needs at least one token")
     stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     if fast and slides(model):  # said once per process (a warning)
         warnings.warn(f"{type(model).__name__} has sliding-window layers: it samples on the plain loop (compiled, "
                       "its decode step would recompile at every token)")
-    elif fast:
-        with packed_attention(model):
-            return sample_fast(model, prompts, max_new_tokens, temperature, top_p, top_k, stops, pad_token_id,
-                               generator)
-    ids, attention_mask = pad_left(prompts, pad_token_id or 0, model.device)  # (B, P)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
-    cache = DynamicCache(config=model.config)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
-    tokens = []
-    stop_tensor = torch.tensor(stops, device=model.device)  # made once, not once per token
-    for t in range(max_new_tokens):
-        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                       logits_to_keep=1).logits[:, -1]  # (B, V)
-        if t == 0:
-            check_cache_used(cache, ids.size(1))
-        ids = next_token(logits, temperature, top_p, top_k, generator)[:, None]  # (B, 1)
-        tokens.append(ids)
-        if stops:
-            finished |= torch.isin(ids[:, 0], stop_tensor)
-            if finished.all():  # one host sync per token; it ends the loop as soon as every row is done
+        fast = False
+    rows = len(prompts)
+    if fast:  # a power of two rows (copies of the first prompt): a smaller last batch runs the full batch's graph
+        prompts = prompts + prompts[:1] * ((1 << (rows - 1).bit_length()) - rows)
+    width = max(BUCKET, 1 << (max(map(len, prompts)) - 1).bit_length()) if fast else 0  # fast: a power of two
+    ids, prompt_mask = pad_left(prompts, pad_token_id or 0, model.device, width)  # (B, P)
+    P = ids.size(1)
+    mask = F.pad(prompt_mask, (0, max_new_tokens))  # (B, P + N), 1 where a token is written
+    position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): positions count real tokens only
+    cache = static_cache(model, len(prompts), P + max_new_tokens) if fast else DynamicCache(config=model.config)
+    cache.reset()  # a static cache is reused
+    # The mask spans the keys attended over: a static cache's P + N columns, a growing cache's P + t.
+    logits = model(input_ids=ids, attention_mask=mask if fast else prompt_mask, position_ids=position, cache=cache,
+                   cache_position=torch.arange(P, device=model.device), logits_to_keep=1).logits[:, -1]  # (B, V)
+    check_cache_used(cache, P)
+    token = next_token(logits, temperature, top_p, top_k, generator)[:, None]  # (B, 1); the prefill is not compiled
+    step = compiled_decode_step(BACKEND, model.device.type == "cuda") if fast else decode_step
+    # (transformers 5.24 writes the cache at its own counter; cache_position, equal to it, marks the mask column)
+    cache_position, position = torch.tensor([P], device=model.device), position[:, -1:] + 1
+    stop_tensor = torch.tensor(stops, dtype=torch.long, device=model.device)  # made once, not once per token
+    finished, tokens = torch.isin(token[:rows, 0], stop_tensor), [token]
+    K = min(top_k, logits.size(-1)) if top_k > 0 else logits.size(-1)  # the logits each draw is among
+    noise = torch.empty(len(prompts), K, dtype=torch.float32, device=model.device) if fast and temperature else None
+    with packed_attention(model, fast):
+        for t in range(1, max_new_tokens):
+            if stops and (t % CHECK_EVERY == 0 or not fast) and finished.all():  # a wait for the device
                 break
-        attention_mask = F.pad(attention_mask, (0, 1), value=1)
-        position_ids = position_ids[:, -1:] + 1
-    return cut_after_stop(torch.cat(tokens, 1), stops)
+            mask.index_fill_(1, cache_position, 1)
+            if fast:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs (cloned) may now be overwritten
+            if noise is not None:  # (B, K): a compiled step is given its draw's noise E ~ Exp(1) (next_token),
+                noise.exponential_(generator=generator)  # drawn as torch.multinomial draws it
+            token = step(model, token, mask if fast else mask[:, :P + t], position, cache_position, cache,
+                         temperature, top_p, top_k, noise, None if fast else generator).clone()  # (B, 1)
+            tokens.append(token)
+            finished |= torch.isin(token[:rows, 0], stop_tensor)
+            cache_position += 1
+            position += 1
+    return cut_after_stop(torch.cat(tokens, 1)[:rows], stops)
 
 
 def check_cache_used(cache, width: int):
@@ -154,8 +186,9 @@ def cut_after_stop(tokens: torch.Tensor, stops: list[int]) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The fast path. The plain loop spends most of a GPU's time in Python: each token launches hundreds of small kernels
-# (every layer, every LoRA adapter), the cache grows and `finished.all()` waits for the GPU. Below, gpt-fast's tricks:
+# The fast path, sample(fast=True). On a GPU the plain loop spends most of its time in Python: each token launches
+# hundreds of small kernels (every layer, every LoRA adapter), the cache grows and `finished.all()` waits for the GPU.
+# gpt-fast's tricks instead: a static cache, fixed shapes, the decode step compiled into a CUDA graph, rare checks.
 
 BUCKET = 64  # prompts are left-padded to 64, 128, 256... tokens: a handful of compiled graphs, not one per length
 CHECK_EVERY = 16  # tokens between the checks whether every row is done: the loop's only waits for the GPU
@@ -181,8 +214,9 @@ AttentionMaskInterface.register(PACKED, sdpa_mask)  # the same masks as SDPA
 
 
 @contextlib.contextmanager
-def packed_attention(model):
-    sdpa = model.config._attn_implementation == "sdpa"
+def packed_attention(model, on: bool):
+    """packed_sdpa inside the block, for a model that uses transformers' SDPA; a model's own attention otherwise."""
+    sdpa = on and model.config._attn_implementation == "sdpa"
     if sdpa:
         model.set_attn_implementation(PACKED)
     try:
@@ -190,18 +224,6 @@ def packed_attention(model):
     finally:
         if sdpa:
             model.set_attn_implementation("sdpa")
-
-
-def decode_step(model, token, mask, position, cache_position, cache, noise, temperature, top_p, top_k):
-    """One token per row (B, 1) after token (B, 1), all shapes fixed. The draw is an exponential race, argmax p / E
-    with E ~ Exp(1), a draw from p; the noise (B, K) comes from outside: a seeded generator inside breaks the graph."""
-    logits = model(input_ids=token, attention_mask=mask, position_ids=position, cache=cache,
-                   cache_position=cache_position, logits_to_keep=1).logits[:, -1]  # (B, V)
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits, ids = filtered_logits(logits, temperature, top_p, top_k)  # (B, K), (B, K) or None
-    drawn = (logits.softmax(-1) / noise).argmax(-1, keepdim=True)  # (B, 1)
-    return drawn if ids is None else ids.gather(-1, drawn)
 
 
 @functools.cache
@@ -226,43 +248,3 @@ def slides(model) -> bool:
     config = model.config.get_text_config()
     layers = getattr(config, "layer_types", None) or []
     return "sliding_attention" in layers or (not layers and getattr(config, "sliding_window", None) is not None)
-
-
-@torch.no_grad()
-def sample_fast(model, prompts, max_new_tokens, temperature, top_p, top_k, stops, pad_token_id, generator):
-    """`sample` with every decode step of the same shapes, compiled. Rows that finish keep running (cut afterwards), so
-    the batch never changes shape; the mask (allocated at full length) and positions change in place. Batches are padded
-    to a power of two rows with copies of their first prompt: at a power-of-two batch size (32 by default), an
-    evaluation's last, smaller batch runs the full batch's graph."""
-    rows = len(prompts)
-    prompts = prompts + prompts[:1] * ((1 << (rows - 1).bit_length()) - rows)
-    width = max(BUCKET, 1 << (max(map(len, prompts)) - 1).bit_length())  # the next power of two
-    ids, prompt_mask = pad_left(prompts, pad_token_id or 0, model.device, width)  # (B, P)
-    mask = F.pad(prompt_mask, (0, max_new_tokens))  # (B, P + N), 1 where a token is written
-    position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    cache = static_cache(model, len(prompts), width + max_new_tokens)
-    cache.reset()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
-                   cache_position=torch.arange(width, device=model.device), logits_to_keep=1).logits[:, -1]
-    check_cache_used(cache, width)
-    token = next_token(logits, temperature, top_p, top_k, generator)[:, None]  # (B, 1), the prefill is not compiled
-    step = compiled_decode_step(BACKEND, model.device.type == "cuda")
-    # (transformers 5.24 writes the cache at its own counter; cache_position, equal to it, marks the mask column)
-    cache_position, position = torch.tensor([width], device=model.device), position[:, -1:] + 1
-    stop_tensor = torch.tensor(stops, device=model.device)
-    finished, tokens = torch.isin(token[:rows, 0], stop_tensor), [token]
-    noise_shape = (len(prompts), min(top_k, logits.size(-1)) if top_k > 0 else logits.size(-1))  # (B, K)
-    for t in range(1, max_new_tokens):
-        if t % CHECK_EVERY == 0 and stops and finished.all():
-            break
-        mask.index_fill_(1, cache_position, 1)
-        noise = None if temperature == 0 else torch.empty(noise_shape, device=model.device).exponential_(
-            generator=generator)  # (B, K)
-        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may now be overwritten
-        token = step(model, token, mask, position, cache_position, cache, noise, temperature, top_p, top_k).clone()
-        tokens.append(token)
-        finished |= torch.isin(token[:rows, 0], stop_tensor)
-        cache_position += 1
-        position += 1
-    return cut_after_stop(torch.cat(tokens, 1)[:rows], stops)
-

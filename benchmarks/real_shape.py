@@ -80,7 +80,7 @@ def main():
     parser.add_argument("--micro_batch_size", type=int, default=8)
     parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--reference_tokens", type=int, default=1000, help="length of each reference solution")
-    parser.add_argument("--fast_sampling", action="store_true", help="rollouts through sampling.sample_fast")
+    parser.add_argument("--fast_sampling", action="store_true", help="rollouts on sample's fast path")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the fast sampler")
     parser.add_argument("--results", help="append the measurements to this JSONL file")
     args = parser.parse_args()
@@ -120,7 +120,7 @@ def main():
         totals = {}  # seconds per phase over all steps
         time_the_phases(totals)
         train_step = opsd.train_step  # a row as each step ends: a run out of time still says how far it got
-        opsd.train_step = lambda *a, **k: (stats := train_step(*a, **k), record(args.results, {
+        opsd.train_step = lambda *a, **k: (train_step(*a, **k), record(args.results, {
             "part": "step_progress", "seconds_so_far": dict(totals)}))[0]
         train(cfg)
         rows = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]

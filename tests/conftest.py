@@ -79,7 +79,7 @@ def qwen3_dir(tmp_path_factory):
 
 @pytest.fixture
 def compilations(monkeypatch):
-    """Makes sample_fast compile with a backend that counts the graphs dynamo hands it (and runs them as
+    """Makes the fast path compile with a backend that counts the graphs dynamo hands it (and runs them as
     they are, so the tests need no C++ compiler); yields the count."""
     count = [0]
 

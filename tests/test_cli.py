@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from data import builtin_examples, load_examples
+from data import load_examples
 from evaluate import evaluate
 from sampling import load_model
 

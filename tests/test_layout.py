@@ -1,8 +1,10 @@
 """How the code is laid out for reading: modules in layers with no import circle, and opsd.py in the
-algorithm's order, the method before the engineering."""
+algorithm's order, the method before the engineering; and no file reads a name that nothing defines."""
 
 import ast
+import builtins
 import re
+import symtable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,3 +78,28 @@ def test_the_readme_gives_each_modules_line_count():
     assert dict(re.findall(r"^\| `(\w+)\.py` \| ([\d,]+) \|", readme, re.MULTILINE)) == {
         m: f"{n:,}" for m, n in counts.items()}, "update the line counts in the README's file table"
     assert f"`opsd.py` ({counts['opsd']:,} lines), on five small ones ({sum(counts.values()):,} lines in all)" in readme
+
+
+def undefined_names(source: str, name: str = "<string>") -> set[str]:
+    """The names that a module's code reads but that neither it (assigned, imported, a def or class, at the top or
+    through `global`) nor Python's builtins define: a misspelt name in a branch that never runs here (on a GPU only)
+    would raise its NameError there."""
+    def scopes(scope):
+        yield scope
+        for child in scope.get_children():
+            yield from scopes(child)
+    table = symtable.symtable(source, name, "exec")
+    symbols = [(scope, symbol) for scope in scopes(table) for symbol in scope.get_symbols()]
+    defined = {s.get_name() for scope, s in symbols
+               if (scope is table or s.is_declared_global()) and (s.is_assigned() or s.is_imported())}
+    read = {s.get_name() for scope, s in symbols if s.is_referenced() and (scope is table or s.is_global())}
+    return read - defined - set(dir(builtins)) - {"__file__"}
+
+
+def test_no_code_reads_a_name_nothing_defines_not_even_a_branch_only_a_gpu_takes():
+    assert undefined_names("def f(device):\n    return device == 'cuda' and skips\n") == {"skips"}
+    assert not undefined_names("import os\ndef f(x):\n    y = os.sep\n    return [z for z in x if z != y], len(x)\n")
+    assert not undefined_names("def f():\n    global X\n    X = 1\ndef g():\n    return X\n")
+    paths = [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("tiny/*.py")]
+    found = {p.relative_to(ROOT).as_posix(): names for p in paths if (names := undefined_names(p.read_text(), p.name))}
+    assert not found

@@ -53,6 +53,11 @@ def test_sampling_is_reproducible_with_a_generator(model):
     assert draw(1) != draw(2)
 
 
+def test_no_new_tokens_is_an_error(model):
+    with pytest.raises(ValueError, match="max_new_tokens=0: a completion needs at least one token"):
+        sample(model, PROMPTS, 0)
+
+
 def test_top_k_1_and_tiny_top_p_are_greedy(model):
     greedy = sample(model, PROMPTS, 8, temperature=0)
     assert sample(model, PROMPTS, 8, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(0)) == greedy
@@ -103,7 +108,7 @@ def test_completion_logits_are_finite_with_heavy_padding(model):
     assert torch.isfinite(logits).all()
 
 
-# The fast path (sampling.sample_fast): the same greedy tokens as the plain loop and generate, one compilation.
+# The fast path (sample(fast=True)): the plain loop's tokens (greedy as generate's, and sampled), one compilation.
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 @pytest.mark.parametrize("lora", [False, True])
@@ -132,6 +137,19 @@ def test_fast_sampling_is_reproducible_with_a_generator(tokenizer, compilations)
         return sample(model, PROMPTS, 10, generator=torch.Generator().manual_seed(seed), fast=True, **kwargs)
     assert draw(1) == draw(1) and draw(1) != draw(2)
     assert draw(1, temperature=1.5, top_k=1) == draw(1, temperature=1.5, top_p=1e-6) == sample(model, PROMPTS, 10, 0)
+
+
+def test_fast_sampling_draws_the_plain_loops_tokens_at_a_power_of_two_batch(tokenizer, compilations):
+    """torch.multinomial(p, 1) is the race argmax p / E on its generator's noise E ~ Exp(1); the fast path draws that
+    noise itself, from the same generator: with no padding rows (4 prompts), it samples what the plain loop samples."""
+    model = make_model("llama", tokenizer)
+    for weight in (p for p in model.parameters() if p.dim() == 2):
+        torch.nn.init.normal_(weight, std=1.0)
+    for settings in ({}, {"top_k": 5}, {"top_p": 0.9}, {"top_k": 8, "top_p": 0.8, "temperature": 1.3}):
+        def draw(seed=3, **kwargs):
+            return sample(model, PROMPTS, 12, generator=torch.Generator().manual_seed(seed), **settings, **kwargs)
+        plain = draw()
+        assert draw(fast=True) == plain != draw(seed=4)  # the same draws, and draws that depend on the noise
 
 
 def test_fast_sampling_takes_more_shapes_than_dynamos_default_recompile_limit(tokenizer, compilations):
@@ -183,8 +201,8 @@ def test_both_draws_follow_the_filtered_distribution(top_k, top_p):
     n, g = 20_000, torch.Generator().manual_seed(0)
     plain = next_token(logits.expand(n, -1), 1.0, top_p, top_k, g)
     noise = torch.empty(n, top_k or 6).exponential_(generator=g)
-    race = decode_step(FixedLogits(logits[None]), torch.zeros(n, 1, dtype=torch.long), None, None, None, None, noise,
-                       1.0, top_p, top_k)[:, 0]
+    race = decode_step(FixedLogits(logits[None]), torch.zeros(n, 1, dtype=torch.long), None, None, None, None, 1.0,
+                       top_p, top_k, noise)[:, 0]
     for draws in (plain, race):
         frequency = torch.bincount(draws, minlength=6) / n
         assert torch.allclose(frequency, expected, atol=0.015), (frequency, expected)
@@ -216,7 +234,7 @@ def test_the_fast_path_leaves_training_forwards_unchanged(tokenizer, compilation
                                                                forward(*a, **k))[1]
     seen = []
     sample(model, PROMPTS, 3, temperature=0, fast=True)
-    assert set(seen) == {PACKED} and model.config._attn_implementation == "sdpa"
+    assert seen == ["sdpa", PACKED, PACKED] and model.config._attn_implementation == "sdpa"  # the prefill, 2 steps
     torch.testing.assert_close(completion_logits(model, PROMPTS, COMPLETIONS)[0], before, atol=0, rtol=0)
 
 
