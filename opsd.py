@@ -16,7 +16,7 @@ none of which imports it. Leaves out: FSDP, vLLM, peft, a Trainer.
 Shapes: B rollouts, P prompt length, L completion length, V vocabulary, H hidden size, N completion tokens
 of a batch, C tokens per chunk of the fused divergence.
 
-    python opsd.py           # the built-in demo: tiny model, synthetic task, CPU, 5 to 10 minutes
+    python opsd.py           # the built-in demo: tiny model, synthetic task, 2 CPU cores, 6 to 14 minutes
     python opsd.py --help    # every setting
 """
 
