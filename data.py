@@ -31,7 +31,8 @@ class Example:
 # in its context, but must do two 2-digit sums in its head when it does not: the gap OPSD closes.
 # Its variant 'builtin_other' has the same problems with references "by another model", answer first, in words:
 # "\boxed{4}, as 11 plus 48 is 59 and 59 minus 55 is 4."; its base model, tiny/model_other, writes its own style
-# and reads the other one in the teacher's context.
+# and reads the other one in the teacher's context. 'builtin_other_working_first' keeps the other style but
+# puts the working before the answer: "11 plus 48 is 59 and 59 minus 55 is 4, so \boxed{4}."
 
 NAMES = ["ann", "ben", "eva", "joe", "kim", "leo", "mia", "sam", "tom", "zoe"]
 ITEMS = ["apples", "books", "cards", "coins", "eggs", "pens", "shells", "stamps"]
@@ -39,9 +40,11 @@ MORE = ["gets {} more", "finds {} more", "buys {} more"]
 LESS = ["gives away {}", "loses {}", "sells {}"]
 
 
-def builtin_examples(split: str, n: int, seed: int = 0, other_style: bool = False) -> list[Example]:
-    """n problems of the built-in task ('builtin_other' with other_style). The split is decided by a hash of the
-    arithmetic alone, so no calculation of the 'test' split ever appears in 'train', whatever names and seeds."""
+def builtin_examples(split: str, n: int, seed: int = 0, other_style: bool = False,
+                     working_first: bool = False) -> list[Example]:
+    """n problems of the built-in task ('builtin_other' with other_style; with working_first too,
+    'builtin_other_working_first'); a seed gives the same problems in every style. The split is decided by a hash
+    of the arithmetic alone, so no calculation of the 'test' split ever appears in 'train', whatever the seed."""
     rng, examples = random.Random(seed), []
     while len(examples) < n:
         a, b, c = (rng.randint(10, 99) for _ in range(3))
@@ -55,12 +58,17 @@ def builtin_examples(split: str, n: int, seed: int = 0, other_style: bool = Fals
         step1 = rng.choice(MORE if sign1 == "+" else LESS).format(b)
         step2 = rng.choice(MORE if sign2 == "+" else LESS).format(c)
         word1, word2 = ("plus" if sign == "+" else "minus" for sign in (sign1, sign2))
-        solution = (f"\\boxed{{{r2}}}, as {a} {word1} {b} is {r1} and {r1} {word2} {c} is {r2}." if other_style
-                    else f"{a}{sign1}{b}={r1}, {r1}{sign2}{c}={r2}. \\boxed{{{r2}}}")
+        words = f"{a} {word1} {b} is {r1} and {r1} {word2} {c} is {r2}"
+        solution = (f"{words}, so \\boxed{{{r2}}}." if other_style and working_first else
+                    f"\\boxed{{{r2}}}, as {words}." if other_style else
+                    f"{a}{sign1}{b}={r1}, {r1}{sign2}{c}={r2}. \\boxed{{{r2}}}")
         examples.append(Example(f"{name} has {a} {item}, {step1}, then {step2}. how many {item} now?", solution,
                                 str(r2)))
     return examples
 
+
+BUILTIN = {"builtin": {}, "builtin_other": {"other_style": True},  # the built-in tasks: builtin_examples' styles
+           "builtin_other_working_first": {"other_style": True, "working_first": True}}
 
 # Hub data sets whose columns are known: name -> (hub name, config, question, solution, answer column). With no
 # answer column the answer is read from the solution; with no solution column a student can be evaluated, not trained.
@@ -79,12 +87,11 @@ BENCHMARKS = ("aime24", "aime25", "hmmt25")  # evaluated as the paper does: eval
 
 def load_examples(source: str, split: str = "train", n: int | None = None, seed: int = 0, question_column: str = "",
                   solution_column: str = "", answer_column: str = "") -> list[Example]:
-    """The first n examples of `split` of 'builtin' or 'builtin_other', a preset (short or hub name), a local
+    """The first n examples of `split` of a built-in task (BUILTIN), a preset (short or hub name), a local
     JSON/JSONL/CSV/parquet file (all its rows) or what datasets.load_dataset opens (a hub name, a local folder;
     one split serves for every split). Columns default to the preset's, else question, solution and answer."""
-    if source in ("builtin", "builtin_other"):
-        n = n or (20_000 if split == "train" else 500)
-        return builtin_examples(split, n, seed, other_style=source == "builtin_other")
+    if source in BUILTIN:
+        return builtin_examples(split, n or (20_000 if split == "train" else 500), seed, **BUILTIN[source])
     import datasets  # imported here: the built-in task does not need it
 
     preset = PRESETS.get(source) or next((p for p in PRESETS.values() if p[0] == source), None)

@@ -4,7 +4,7 @@ One model plays two roles that differ only in their context. The student p_S(. |
 teacher p_T(. | x, y*) also sees a reference solution y*. The student samples its own rollout y_hat; the
 teacher re-scores the same tokens in one forward pass; training minimises, on the student's own tokens,
 
-    L = E_x E_{y_hat ~ p_S} [ 1/|y_hat| sum_n D( p_T(. | x, y*, y_hat_<n) || p_S(. | x, y_hat_<n) ) ]   (Eq. 7)
+    L = E_x E_{y_hat ~ p_S} [ 1/|y_hat| sum_n D( p_T(. | x, y*, y_hat_<n) || p_S(. | x, y_hat_<n) ) ]   (Eq. 8)
 
 The code averages over all completion tokens of a step rather than per rollout (train_step says why).
 Owns the method, in the algorithm's order: 1. rollouts, 2. the two-context forward pass, 3. the divergences,
@@ -16,7 +16,7 @@ none of which imports it. Leaves out: FSDP, vLLM, peft, a Trainer.
 Shapes: B rollouts, P prompt length, L completion length, V vocabulary, H hidden size, N completion tokens
 of a batch, C tokens per chunk of the fused divergence.
 
-    python opsd.py           # the built-in demo: tiny model, synthetic task, 2 CPU cores, 6 to 14 minutes
+    python opsd.py           # the built-in demo: tiny model, synthetic task, 2 CPU cores, 6 to 8 minutes
     python opsd.py --help    # every setting
 """
 
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import Example, encode, extract_answer, fit_prompts, load_examples, student_prompt, teacher_prompt
+from data import BUILTIN, Example, encode, extract_answer, fit_prompts, load_examples, student_prompt, teacher_prompt
 from evaluate import evaluate, is_equivalent
 from lora import adapters_off, add_lora, describe_lora, load_adapters, lora_layers, merged_state_dict, save_adapters
 from plot import plot_run
@@ -122,7 +122,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def divergence_terms(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
     """The per-vocabulary terms l_{n,v} (B, L, V) whose sum over v is D(p_T || p_S) at each token: JSD_beta
-    (Eq. 9) for 0 < beta < 1, and its two KL limits at the ends. Eq. 9 itself is 0 at beta = 0 and 1 (the
+    (Eq. 7) for 0 < beta < 1, and its two KL limits at the ends. Eq. 7 itself is 0 at beta = 0 and 1 (the
     mixture is then one of the two distributions), but JSD_beta / beta tends to the forward KL(p_T || p_S) as
     beta -> 0, and JSD_beta / (1 - beta) to the reverse KL(p_S || p_T) as beta -> 1: beta = 0 and 1 mean those
     (TRL's convention). So the scale jumps at the ends: JSD_0.01 is about 0.01 x the forward KL."""
@@ -130,7 +130,7 @@ def divergence_terms(student_logp: torch.Tensor, teacher_logp: torch.Tensor, bet
         return teacher_logp.exp() * (teacher_logp - student_logp)
     if beta == 1:  # reverse KL(p_S || p_T)
         return student_logp.exp() * (student_logp - teacher_logp)
-    # Eq. 9: JSD_beta = beta KL(p_T || m) + (1 - beta) KL(p_S || m), with m = beta p_T + (1 - beta) p_S
+    # Eq. 7: JSD_beta = beta KL(p_T || m) + (1 - beta) KL(p_S || m), with m = beta p_T + (1 - beta) p_S
     mixture_logp = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log(1 - beta))
     return (beta * teacher_logp.exp() * (teacher_logp - mixture_logp)
             + (1 - beta) * student_logp.exp() * (student_logp - mixture_logp))
@@ -143,7 +143,7 @@ def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def divergence(student_logits, teacher_logits, mask, beta=0.0, temperature=1.0, clip=None, stats=None):
-    """The per-token divergence of Eq. 7, averaged over the completion tokens in mask (B, L). beta=0 is
+    """The per-token divergence of Eq. 8, averaged over the completion tokens in mask (B, L). beta=0 is
     forward KL(p_T || p_S), beta=1 reverse KL(p_S || p_T), in between the generalised JSD. clip caps each
     per-vocabulary term; a capped term passes no gradient, but the softmax normaliser still pushes it down.
     When a dict is given as stats, it receives the unclipped divergence and the clipped teacher mass."""
@@ -173,8 +173,8 @@ def weighted_nll(student_logp, weights, mask):
 
 
 def sampled_token_loss(student_logits, teacher_logits, completion_ids, mask, temperature=1.0):
-    """The sampled-token variant: advantage A_n = log p_T(y_n) - log p_S(y_n), held constant, and the loss
-    -A_n log p_S(y_n). Its gradient is the reverse KL's in expectation over y_n ~ p_S."""
+    """The sampled-token variant (v1's Eq. 9): advantage A_n = log p_T(y_n) - log p_S(y_n), held constant, and
+    the loss -A_n log p_S(y_n). Its gradient is the reverse KL's in expectation over y_n ~ p_S."""
     student_logp = token_log_probs(student_logits, completion_ids, temperature)  # (B, L)
     teacher_logp = token_log_probs(teacher_logits, completion_ids, temperature)  # (B, L)
     return weighted_nll(student_logp, teacher_logp - student_logp, mask)
@@ -199,7 +199,7 @@ def disable_dropout(model):
 
 def opsd_loss(model, teacher, student_prompts, teacher_prompts, completions, beta=0.0, temperature=1.0, clip=None,
               fused=True, stats=None, sampled_token=False, base_teacher=False) -> torch.Tensor:
-    """The OPSD loss of one batch: the per-token divergence D(p_T || p_S) of Eq. 7 at every completion token,
+    """The OPSD loss of one batch: the per-token divergence D(p_T || p_S) of Eq. 8 at every completion token,
     averaged over all the batch's completion tokens. The teacher reads teacher_prompts (problem and
     reference), the student student_prompts (the problem); both score the same completions. All three are
     lists of token-id lists, as sample returns them. `teacher` may be `model` itself; base_teacher=True runs
@@ -261,7 +261,7 @@ def train_step(model, teacher, optimizer, rollouts: Rollouts, cfg: "Config", lr:
     AdamW step at this step's learning rate lr, and an EMA teacher moved toward the student. fused: whether
     the OPSD loss takes the fused path (cfg.fused, where logits_are_linear allows it). Returns the statistics."""
     completions = rollouts.completions
-    # Eq. 7 averages each rollout over its own tokens; the loss here is the sum over all completion tokens of
+    # Eq. 8 averages each rollout over its own tokens; the loss here is the sum over all completion tokens of
     # the step over their number, so every token weighs the same, and micro-batches weighted by their share
     # of the tokens add up to exactly the gradient of one big batch. all_sum: the counts of every torchrun
     # process (in one process, the counts themselves).
@@ -477,8 +477,9 @@ class Config:
     model: str = option("tiny/model", "base model: a local path or a hub name")
     trust_remote_code: bool = option(False, "run the code of the model's own repository (only if you trust it)")
     dtype: str = option("auto", "compute dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16")
-    dataset: str = option("builtin", "builtin, builtin_other (references in another style: tiny/model_other), a preset "
-                          "(openthoughts: the paper's, gsm8k, math), a hub data set or a JSON/JSONL/CSV/parquet file")
+    dataset: str = option("builtin", "builtin, builtin_other (references in another style, answer first: "
+                          "tiny/model_other), builtin_other_working_first, a preset (openthoughts: the paper's, "
+                          "gsm8k, math), a hub data set or a JSON/JSONL/CSV/parquet file")
     question_column: str = option("", "column of the problems (default: the preset's, else 'question')")
     solution_column: str = option("", "column of the reference solutions (default: the preset's, else 'solution')")
     answer_column: str = option("", "column of the final answers (default: the preset's, else read from the solution)")
@@ -505,6 +506,8 @@ class Config:
     sampled_token: bool = option(False, "the sampled-token loss, -(log p_T - log p_S)(y_n) log p_S(y_n), instead")
     fused: bool = option(True, "full-vocabulary divergence from hidden states, a chunk of tokens at a time")
     teacher_decay: float = option(1.0, "teacher EMA decay: 1 = fixed initial weights (paper), 0 = current weights")
+    off_policy: bool = option(False, "a control: rollouts from the initial weights, not the student (needs "
+                              "teacher_decay 1): what being on-policy buys")
     student_thinking: bool = option(False, "chat template thinking flag of the student prompt (paper's code: off)")
     teacher_thinking: bool = option(True, "chat template thinking flag of the teacher prompt (paper's code: on; "
                                     "flags that differ skew the first completion tokens: data.render)")
@@ -545,6 +548,8 @@ class Config:
                 self.steps, self.max_new_tokens, self.max_prompt_tokens, self.eval_every, self.eval_size,
                 self.save_every) > 0,
             "method must be opsd, sft or grpo": self.method in ("opsd", "sft", "grpo"),
+            "off_policy samples from the fixed teacher's weights: it needs method opsd and teacher_decay 1": (
+                not self.off_policy or self.method == "opsd" and self.teacher_decay == 1),
             "grpo needs group_size >= 2 (one rollout has no advantage)": self.method != "grpo" or self.group_size > 1,
             "batch_size x group_size must be a positive multiple of micro_batch_size": min(
                 self.micro_batch_size, self.batch_size, self.group_size) > 0 and (
@@ -571,17 +576,20 @@ def parse_config(argv=None) -> Config:
         parser.error(str(e))
 
 
-def evaluate_both(model, teacher, tokenizer, examples, cfg: Config) -> dict:
+def evaluate_both(model, teacher, tokenizer, examples, cfg: Config, teacher_acc: float | None = None) -> dict:
     """Held-out accuracy of the student (question alone) and of the teacher (with the reference), greedy,
-    sampled batch_size problems at a time like the rollouts (so no larger KV cache). The baselines have no
-    teacher: their teacher column is the current weights with the reference."""
+    sampled batch_size problems at a time like the rollouts (so no larger KV cache). A teacher_acc given is
+    the fixed teacher's, measured before: its weights never change. The baselines have no teacher: their
+    teacher column is the current weights with the reference."""
     def accuracy(net, with_reference, thinking):
         return evaluate(net, tokenizer, examples, with_reference=with_reference, thinking=thinking,
                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, fast=cfg.fast_sampling)["avg@1"]
 
     student = accuracy(model, False, cfg.student_thinking)
-    with adapters_off(teacher, cfg.method == "opsd" and cfg.teacher_decay == 1):
-        return {"student_acc": student, "teacher_acc": accuracy(teacher, True, cfg.teacher_thinking)}
+    if teacher_acc is None:
+        with adapters_off(teacher, cfg.method == "opsd" and cfg.teacher_decay == 1):
+            teacher_acc = accuracy(teacher, True, cfg.teacher_thinking)
+    return {"student_acc": student, "teacher_acc": teacher_acc}
 
 
 def start_processes(cfg: Config) -> tuple[int, int]:
@@ -718,7 +726,7 @@ def load_data(cfg: Config) -> tuple[list[Example], list[Example]]:
     if cfg.eval_dataset:  # its own columns: question,solution,answer
         eval_columns = dict(zip(columns, (cfg.eval_columns.split(",") + ["", ""])[:3]))
         test_set = load_examples(cfg.eval_dataset, "test", cfg.eval_size, cfg.seed, **eval_columns)
-    elif cfg.dataset in ("builtin", "builtin_other"):  # the built-in task has a test split
+    elif cfg.dataset in BUILTIN:  # the built-in tasks have a test split
         test_set = load_examples(cfg.dataset, "test", cfg.eval_size, cfg.seed)
     else:  # a fixed random eval_size problems of the data set, kept out of training
         if len(train_set) < cfg.eval_size + cfg.batch_size:
@@ -784,10 +792,15 @@ def train(cfg: Config) -> list[dict]:
     def mixed_precision():
         return torch.autocast(model.device.type, torch.bfloat16, enabled=bf16)
 
+    fixed_teacher = {}  # its accuracy, once measured: a fixed teacher's weights never change
+
     def evaluate_and_log(done):
         if rank == 0:  # torchrun: rank 0 alone evaluates; the others wait
             with mixed_precision():
-                result = {"step": done, **evaluate_both(model, teacher, tokenizer, test_set, cfg)}
+                result = {"step": done, **evaluate_both(model, teacher, tokenizer, test_set, cfg,
+                                                        fixed_teacher.get("acc"))}
+            if cfg.method == "opsd" and cfg.teacher_decay == 1:
+                fixed_teacher["acc"] = result["teacher_acc"]
             log(result)
             tqdm.write(f"step {done:4d}: student {result['student_acc']:.1%}, teacher {result['teacher_acc']:.1%}")
 
@@ -802,7 +815,9 @@ def train(cfg: Config) -> list[dict]:
         batch = random.Random(step_seed).sample(train_set, cfg.batch_size)[rank::world]
         generator = torch.Generator(model.device).manual_seed(step_seed * world + rank)
         with mixed_precision():
-            rollouts = collect_rollouts(model, tokenizer, batch, cfg, generator)
+            with adapters_off(teacher, cfg.off_policy and teacher is model):  # off_policy, a control: the
+                rollouts = collect_rollouts(teacher if cfg.off_policy else model, tokenizer, batch, cfg,
+                                            generator)  # initial weights write them, as if collected once
             # 3-5. Re-score them with the teacher, the per-token divergence, backward, clip and step.
             stats = train_step(model, teacher, optimizer, rollouts, cfg, learning_rate(cfg, step), fused)
         # 6. Log one line; evaluate and checkpoint every so often.

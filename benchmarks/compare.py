@@ -12,6 +12,7 @@ about 1.3x the work of one run on two threads; a run's minutes are then its own,
 
     python benchmarks/compare.py               # 18 runs: about 40 minutes on 2 CPU cores
     python benchmarks/compare.py --ablations   # the paper's ablations and LoRA, builtin, seed 0 (about 25 minutes)
+    python benchmarks/compare.py --controls --eval_size 500   # the tutorial's controls (CONTROLS, PAIRS), six seeds
     python benchmarks/compare.py --quick       # every run for 2 steps: checks the script
 """
 
@@ -39,7 +40,9 @@ import torch  # noqa: E402
 
 from opsd import Config, train  # noqa: E402
 
-TASKS = {"builtin": str(ROOT / "tiny" / "model"), "builtin_other": str(ROOT / "tiny" / "model_other")}
+TASKS = {"builtin": str(ROOT / "tiny" / "model"), "builtin_other": str(ROOT / "tiny" / "model_other"),
+         # the same base model: for SFT, which reads no teacher, the answer's place is the one difference
+         "builtin_other_working_first": str(ROOT / "tiny" / "model_other")}
 METHODS = {  # name: what differs from opsd.Config's defaults (JSD 0.5, fixed teacher, 32 problems, lr 1e-3)
     "OPSD": {},
     "SFT": {"method": "sft"},
@@ -47,6 +50,23 @@ METHODS = {  # name: what differs from opsd.Config's defaults (JSD 0.5, fixed te
     # left), at 3e-4 it fell to 4-15%; 1e-4 was the best of the three (measured on 300-step runs).
     "GRPO (G=8)": {"method": "grpo", "group_size": 8, "batch_size": 4, "lr": 1e-4},
 }
+CONTROLS = {  # task: the runs; each pair below differs in one thing that the tutorial argues (PAIRS)
+    "builtin": {"OPSD": {}, "OPSD, current weights as teacher": {"teacher_decay": 0.0},
+                "OPSD, off-policy: the initial student's rollouts": {"off_policy": True}, "SFT": {"method": "sft"}},
+    # room for a whole reference of the other style (at most 53 tokens with the EOS), which SFT learns to write
+    "builtin_other": {"OPSD": {"max_new_tokens": 64}, "SFT": {"method": "sft", "max_new_tokens": 64}},
+    # tiny/model_other's teacher cannot read this style (0.5% right with it): SFT alone, which needs no teacher
+    "builtin_other_working_first": {"SFT": {"method": "sft", "max_new_tokens": 64}},
+}
+PAIRS = [  # (what it measures, (task, run), (task, run)): the first minus the second, seed by seed
+    ("a fixed teacher, not the current weights", ("builtin", "OPSD"), ("builtin", "OPSD, current weights as teacher")),
+    ("on-policy rollouts, not the initial student's", ("builtin", "OPSD"),
+     ("builtin", "OPSD, off-policy: the initial student's rollouts")),
+    ("OPSD, not SFT, on references in the student's own style", ("builtin", "OPSD"), ("builtin", "SFT")),
+    ("OPSD, not SFT, on other-style references, answer first", ("builtin_other", "OPSD"), ("builtin_other", "SFT")),
+    ("SFT on other-style references: working first, not answer first", ("builtin_other_working_first", "SFT"),
+     ("builtin_other", "SFT")),
+]
 ABLATIONS = {
     "OPSD": {},
     "OPSD, forward KL": {"beta": 0.0},
@@ -108,6 +128,19 @@ def table(points: list[dict], task: str) -> list[str]:
     return lines
 
 
+def differences(points: list[dict], step: int) -> list[str]:
+    """PAIRS at `step`: the difference of held-out student accuracy, seed by seed (the same problems, held-out
+    set and sampling noise), and its mean ± the standard error over seeds."""
+    acc = {(p["task"], p["run"], p["seed"]): p["student_acc"] for p in points if p["step"] == step}
+    lines = [f"| at step {step} | first minus second, per seed | mean ± standard error |", "|---|---|---|"]
+    for what, first, second in PAIRS:
+        diffs = [acc[(*first, seed)] - acc[(*second, seed)] for (task, run, seed) in acc
+                 if (task, run) == first and (*second, seed) in acc]
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        lines.append(f"| {what} | {', '.join(f'{d:+.1%}' for d in diffs)} | {statistics.mean(diffs):+.1%} ± {se:.1%} |")
+    return lines
+
+
 def plot(points: list[dict], tasks: list[str], path: Path, title: str):
     """Held-out accuracy against optimizer steps, one panel per task: the mean over seeds as a line, the
     lowest and highest seed as a band."""
@@ -132,8 +165,9 @@ def main():
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every run")
     parser.add_argument("--eval_every", type=int, default=50)
     parser.add_argument("--eval_size", type=int, default=200, help="held-out problems per evaluation (greedy)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per run (--ablations: 1)")
+    parser.add_argument("--seeds", type=int, default=0, help="seeds per run (default 3; --controls: 6; --ablations: 1)")
     parser.add_argument("--ablations", action="store_true", help="the ablations on builtin instead")
+    parser.add_argument("--controls", action="store_true", help="the tutorial's controls instead (CONTROLS, PAIRS)")
     parser.add_argument("--out", default="", help="runs, points.jsonl, compare.png, compare.md (default: "
                         "runs/compare, or runs/ablations)")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time, one CPU thread each")
@@ -142,14 +176,17 @@ def main():
                         "finished (their metrics.jsonl ends with the last evaluation); run the others")
     parser.add_argument("--quick", action="store_true", help="2 steps per run, 4 held-out problems")
     args = parser.parse_args()
-    args.out = args.out or ("runs/ablations" if args.ablations else "runs/compare")
+    mode = "ablations" if args.ablations else "controls" if args.controls else "compare"
+    args.out = args.out or f"runs/{mode}"
     if args.quick:
         args.steps, args.eval_every, args.eval_size = 2, 2, 4
-    seeds = range(1 if args.ablations else args.seeds)
-    tasks, methods = (["builtin"], ABLATIONS) if args.ablations else (list(TASKS), METHODS)
-    methods = {name: changes for name, changes in methods.items() if args.only in name}
+    seeds = range(1 if args.ablations else args.seeds or (6 if args.controls else 3))
+    plan = {"ablations": {"builtin": ABLATIONS}, "controls": CONTROLS,
+            "compare": {"builtin": METHODS, "builtin_other": METHODS}}[mode]
+    plan = {task: {name: c for name, c in runs.items() if args.only in name} for task, runs in plan.items()}
+    tasks = [task for task, runs in plan.items() if runs]
     started, points = time.time(), []
-    jobs = [(task, name, changes, seed, args) for task in tasks for name, changes in methods.items() for seed in seeds]
+    jobs = [(task, name, changes, seed, args) for task in tasks for name, changes in plan[task].items() for seed in seeds]
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for (task, name, _, seed, _), mine in zip(jobs, pool.map(run, *zip(*jobs))):
             points += mine
@@ -160,15 +197,17 @@ def main():
     (out / "points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
     plot(points, tasks, out / "compare.png", f"{args.steps} steps of 32 sequences each, {len(seeds)} seed(s): "
          "mean, and the lowest and highest seed")
-    lines = [f"`python benchmarks/compare.py{' --ablations' if args.ablations else ''}`: {args.steps} steps per "
+    lines = [f"`python benchmarks/compare.py{'' if mode == 'compare' else ' --' + mode}`: {args.steps} steps per "
              f"run, {len(seeds)} seed(s), {args.eval_size} held-out problems, {platform.machine()}, "
              f"{args.workers} runs at a time on {os.cpu_count()} CPU cores, torch {torch.__version__}, "
              f"{time.strftime('%Y-%m-%d')}, {(time.time() - started) / 60:.0f} min in all."]
     for task in tasks:
-        first = next(iter(methods))  # every run of a task starts from the same base model
+        first = next(iter(plan[task]))  # every run of a task starts from the same base model
         teacher = [p["teacher_acc"] for p in points if p["task"] == task and p["step"] == 0 and p["run"] == first]
         lines += ["", f"**{task}** (held-out student accuracy, mean ± sd over seeds; the teacher with the "
                       f"reference at step 0: {spread(teacher)})", ""] + table(points, task)
+    if mode == "controls" and not args.only:
+        lines += ["", "**The controls**, each the first run minus the second:", ""] + differences(points, args.steps)
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines) + f"\n\nwrote {out / 'points.jsonl'}, {out / 'compare.png'}, {out / 'compare.md'}")
 

@@ -1,6 +1,8 @@
 """The baselines in the same loop (SFT, GRPO), the sampled-token gradient in expectation, and compare.py."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,11 @@ from test_train import small_config
 from data import Example
 from opsd import (Config, divergence, fit_to_context, group_advantages, sampled_token_loss, token_log_probs, train,
                   weighted_nll)
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "compare.py"
+SPEC = importlib.util.spec_from_file_location("compare", BENCHMARK)
+compare = importlib.util.module_from_spec(SPEC)  # the benchmark's runs and pairs, read by the test of its controls
+SPEC.loader.exec_module(compare)
 
 
 def test_grpo_advantages_on_hand_made_groups():
@@ -84,6 +91,16 @@ def test_compare_benchmark_runs_every_method_on_both_tasks_quickly(tmp_path):
         for seed in (0, 1)}
     assert all(p["generated_tokens"] == 0 for p in points if p["run"] == "SFT")
     assert all(p["generated_tokens"] > 0 for p in points if p["run"] != "SFT" and p["step"] > 0)
+
+
+def test_compare_benchmark_runs_the_tutorials_controls_and_their_differences_quickly(tmp_path):
+    out = run("benchmarks/compare.py", "--quick", "--controls", "--seeds", "2", "--out", str(tmp_path))
+    points = [json.loads(line) for line in (tmp_path / "points.jsonl").read_text().splitlines()]
+    assert {(p["task"], p["run"]) for p in points} == {
+        (task, run) for task, runs in compare.CONTROLS.items() for run in runs}
+    assert {p["seed"] for p in points} == {0, 1}
+    table = out.split("**The controls**")[1]
+    assert all(what in table for what, _, _ in compare.PAIRS) and table.count("% ± ") == len(compare.PAIRS)
 
 
 def test_compare_benchmark_runs_the_ablations_quickly(tmp_path):

@@ -22,7 +22,7 @@ def test_builtin_task_is_deterministic_with_disjoint_splits():
         assert extract_answer(ex.solution) == ex.answer
 
 
-def test_the_other_style_variant_has_the_same_problems_and_answers():
+def test_the_other_style_variants_have_the_same_problems_and_answers():
     for split in ("train", "test"):
         own, other = builtin_examples(split, 300), load_examples("builtin_other", split, 300)
         assert [(ex.question, ex.answer) for ex in own] == [(ex.question, ex.answer) for ex in other]
@@ -31,6 +31,11 @@ def test_the_other_style_variant_has_the_same_problems_and_answers():
             a, word1, b, _, r1, _, r1_again, word2, c, _, r2 = ex.solution[:-1].split(", as ")[1].split()
             sign1, sign2 = ({"plus": "+", "minus": "-"}[w] for w in (word1, word2))
             assert eval(a + sign1 + b) == int(r1) == int(r1_again) and eval(r1 + sign2 + c) == int(r2) == int(ex.answer)
+        working_first = load_examples("builtin_other_working_first", split, 300)
+        for ex, answer_first in zip(working_first, other):  # "11 plus 48 is 59 and 59 minus 55 is 4, so \\boxed{4}."
+            assert (ex.question, ex.answer) == (answer_first.question, answer_first.answer)
+            working = answer_first.solution.split(", as ")[1][:-1]
+            assert ex.solution == f"{working}, so \\boxed{{{ex.answer}}}." and extract_answer(ex.solution) == ex.answer
 
 
 def test_char_tokenizer_round_trips_and_reloads(tmp_path):

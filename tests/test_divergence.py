@@ -11,7 +11,7 @@ from opsd import completion_logits, divergence, opsd_loss, sampled_token_loss
 
 
 def reference(student_logits, teacher_logits, mask, beta, temperature, clip):
-    """One token at a time, straight from the definitions: Eq. 9 of the paper and its two KL limits."""
+    """One token at a time, straight from the definitions: Eq. 7 of the paper and its two KL limits."""
     total, count = 0.0, 0
     for b, l in mask.nonzero().tolist():
         p_s = torch.softmax(student_logits[b, l] / temperature, -1).tolist()

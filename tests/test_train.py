@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 import re
 import shutil
 from dataclasses import fields
@@ -48,6 +49,7 @@ def test_help_lists_every_setting(capsys):
     (["--clip", "0"], "clip must be > 0, or none"),
     (["--batch_size", "32", "--micro_batch_size", "5"], "multiple of micro_batch_size"),
     (["--steps", "ten"], "invalid int value: 'ten'"),
+    (["--off_policy", "--teacher_decay", "0"], "off_policy samples from the fixed teacher's weights"),
 ])
 def test_bad_settings_are_rejected_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -117,6 +119,53 @@ def test_ema_teacher_moves_toward_the_student(model_dir, tmp_path, sampled_token
     for name in start:
         torch.testing.assert_close(teacher[name], 0.25 * start[name] + 0.75 * student[name], atol=1e-6, rtol=0)
     assert any(not start[n].equal(student[n]) for n in start)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_off_policy_rollouts_are_the_initial_weights_and_on_policy_ones_the_students(model_dir, tmp_path, lora_rank,
+                                                                                     monkeypatch):
+    """off_policy, the control: each step's rollouts are those that the initial weights write for that step's
+    problems and noise (with LoRA, the base model: adapters off). On-policy, the same at step 1 and then the
+    student's own, which differ once it has moved."""
+    written, collect = [], opsd.collect_rollouts
+
+    def recording(*args):
+        rollouts = collect(*args)
+        written.append(rollouts.completions)
+        return rollouts
+
+    monkeypatch.setattr(opsd, "collect_rollouts", recording)
+    completions = {}
+    for off_policy in (False, True):
+        written.clear()
+        cfg = small_config(model_dir, tmp_path / str(off_policy), steps=3, eval_every=3, lr=0.05, lora_rank=lora_rank,
+                           lora_alpha=8.0, off_policy=off_policy, max_new_tokens=12)
+        train(cfg)
+        completions[off_policy] = list(written)
+    initial, tokenizer = load_model(str(model_dir))
+    train_set, _ = opsd.fit_to_context(cfg, initial, tokenizer, *load_data(cfg))
+    expected = []
+    for step in range(3):  # as train draws each step's problems and noise
+        batch = random.Random(cfg.seed * 1_000_003 + step).sample(train_set, cfg.batch_size)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        expected.append(collect(initial, tokenizer, batch, cfg, generator).completions)
+    assert completions[True] == expected
+    assert completions[False][0] == expected[0] and completions[False][1:] != expected[1:]
+
+
+def test_a_fixed_teacher_is_evaluated_once_every_other_at_each_evaluation(model_dir, tmp_path, monkeypatch):
+    """Its weights never change, so its accuracy is measured at the first evaluation and reused."""
+    with_reference, evaluate = [], opsd.evaluate
+    monkeypatch.setattr(opsd, "evaluate",
+                        lambda *a, **k: with_reference.append(k["with_reference"]) or evaluate(*a, **k))
+    for changes, teacher_evaluations in ((dict(), 1), (dict(lora_rank=4), 1), (dict(teacher_decay=0.0), 3),
+                                         (dict(teacher_decay=0.5), 3), (dict(method="sft"), 3)):
+        with_reference.clear()
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        train(small_config(model_dir, out, steps=4, eval_every=2, save_every=4, **changes))
+        assert with_reference.count(True) == teacher_evaluations and with_reference.count(False) == 3, changes
+        evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "student_acc" in line]
+        assert len(evals) == 3 and all("teacher_acc" in e for e in evals)
 
 
 def test_prompts_that_do_not_fit_the_context_are_skipped_or_refused(model_dir, tmp_path, capsys):
