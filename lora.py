@@ -76,14 +76,16 @@ def describe_lora(model) -> str:
 
 @contextlib.contextmanager
 def adapters_off(model, off: bool = True):
-    """Runs the base model (the fixed teacher) inside the block. A model without adapters is unchanged."""
-    for layer in lora_layers(model):
-        layer.enabled = not off
+    """Runs the base model (the fixed teacher) inside the block; off=False leaves the adapters as they are. On
+    exit they are as they were before it, so blocks nest. A model without adapters is unchanged."""
+    before = {layer: layer.enabled for layer in lora_layers(model)}
+    for layer in before:
+        layer.enabled = layer.enabled and not off
     try:
         yield
     finally:
-        for layer in lora_layers(model):
-            layer.enabled = True
+        for layer, enabled in before.items():
+            layer.enabled = enabled
 
 
 def adapter_state(model) -> dict:

@@ -93,7 +93,8 @@ def completion_batch(prompts: list[list[int]], completions: list[list[int]], dev
     mask = torch.arange(completion_ids.size(1), device=device) < lengths[:, None]  # (B, L)
     attention_mask = torch.cat([prompt_mask, mask.long()], 1)  # (B, P + L)
     inputs = {"input_ids": torch.cat([prompt_ids, completion_ids], 1), "attention_mask": attention_mask,
-              "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+              "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+              "use_cache": False}  # one pass over the whole sequence: a KV cache would be built for nothing
     return inputs, mask
 
 

@@ -40,6 +40,18 @@ def test_adapters_start_at_zero_so_step_0_is_the_base_model():
     assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n in trainable)
 
 
+def test_adapters_off_nests_and_restores_what_was_there():
+    model = lora_model()
+    state = lambda: {layer.enabled for layer in lora_layers(model)}
+    with adapters_off(model):
+        with adapters_off(model, False):  # leaves them as they are: off
+            assert state() == {False}
+        with adapters_off(model):
+            assert state() == {False}
+        assert state() == {False}  # the inner blocks did not switch them back on
+    assert state() == {True}
+
+
 def test_only_adapter_parameters_get_gradients():
     model = lora_model()
     for layer in lora_layers(model):  # B starts at zero, which gives A a zero gradient: move B first

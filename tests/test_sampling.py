@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_model
 from lora import add_lora, lora_layers
-from opsd import completion_logits
+from opsd import completion_hidden, completion_logits
 from sampling import PACKED, decode_step, next_token, packed_sdpa, sample, stop_ids
 
 PROMPTS = [[5, 9, 17, 40], [33, 2, 60, 61, 62, 70, 80, 12, 13], [44], [90, 91, 92, 93, 94, 95]]
@@ -101,6 +101,17 @@ def test_student_and_teacher_score_the_same_completion_tokens(model):
         p, c = teacher_prompts[1], COMPLETIONS[1]
         alone = model(torch.tensor([p + c])).logits[0, len(p) - 1:-1]
     torch.testing.assert_close(t_logits[1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_the_scoring_passes_build_no_kv_cache(model):
+    """One pass over the whole sequence, for the student or the teacher: a cache would be built for nothing."""
+    caches = []
+    hook = model.base_model.register_forward_hook(
+        lambda module, args, kwargs, output: caches.append(output.past_key_values), with_kwargs=True)
+    completion_logits(model, PROMPTS, COMPLETIONS)
+    completion_hidden(model, PROMPTS, COMPLETIONS)
+    hook.remove()
+    assert len(caches) == 2 and all(cache is None for cache in caches)
 
 
 def test_completion_logits_are_finite_with_heavy_padding(model):
