@@ -816,9 +816,9 @@ def train(cfg: Config) -> list[dict]:
         batch = random.Random(step_seed).sample(train_set, cfg.batch_size)[rank::world]
         generator = torch.Generator(model.device).manual_seed(step_seed * world + rank)
         with mixed_precision():
-            with adapters_off(teacher, cfg.off_policy and teacher is model):  # off_policy, a control: the
-                rollouts = collect_rollouts(teacher if cfg.off_policy else model, tokenizer, batch, cfg,
-                                            generator)  # initial weights write them, as if collected once
+            # off_policy, a control: the initial weights write the rollouts, as if collected once before training
+            with adapters_off(teacher, cfg.off_policy and teacher is model):
+                rollouts = collect_rollouts(teacher if cfg.off_policy else model, tokenizer, batch, cfg, generator)
             # 3-5. Re-score them with the teacher, the per-token divergence, backward, clip and step.
             stats = train_step(model, teacher, optimizer, rollouts, cfg, learning_rate(cfg, step), fused)
         # 6. Log one line; evaluate and checkpoint every so often.
