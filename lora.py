@@ -1,11 +1,12 @@
-"""lora.py: LoRA (Hu et al., 2021) written out, no peft.
+"""lora.py: LoRA (Hu et al., 2021) written out; checkpoints in the format of peft, which is not needed to run.
 
 A frozen linear layer W gets a trainable low-rank update,
     y = W x + (alpha / r) B A x,    A (r, in) random, B (out, r) zero,
 so that training starts exactly at the base model; OPSD's fixed teacher is this network with its adapters off
 (`adapters_off`), no second copy of the weights. Adapters and merged weights are float32 whatever the model's dtype:
 at a small learning rate the update is about one bf16 step of W, which W + (alpha / r) B A in bf16 would mostly lose.
-Owns: wrapping linear layers, switching the adapters off, saving them with their base model's name, loading, merging.
+Owns: wrapping linear layers, switching the adapters off, saving them in PEFT's format (with their base model's
+name), loading them, merging.
 Leaves out: adapter dropout, DoRA and IA3, quantised base weights, adapters outside linear layers (MoE experts: frozen).
 """
 
@@ -15,10 +16,15 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 LINEAR = (torch.nn.Linear, Conv1D)  # GPT-2's Conv1D is a linear layer too, its weight stored as (in, out)
-SETTINGS = "opsd_lora.json"  # beside adapters.pt; not PEFT's adapter_config.json, which from_pretrained would read
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # a checkpoint's adapters, as peft names them
+PLAIN = {"peft_type", "task_type", "base_model_name_or_path", "revision", "peft_version", "inference_mode", "r",
+         "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "fan_in_fan_out", "megatron_core",
+         "runtime_config", "qalora_group_size", "auto_mapping"}  # settings of peft's that leave y = W x + s B A x
+PLAIN_VALUES = [("bias", "none"), ("init_lora_weights", True), ("init_lora_weights", "gaussian")]
 
 
 class LoRALinear(torch.nn.Module):
@@ -92,16 +98,27 @@ def adapter_state(model) -> dict:
     return {name: value for name, value in model.state_dict().items() if ".lora_" in name}
 
 
-def save_adapters(model, folder: Path, base_model: str, rank: int, alpha: float, targets: list[str]):
-    torch.save(adapter_state(model), folder / "adapters.pt")
-    settings = {"base_model": base_model, "rank": rank, "alpha": alpha, "targets": targets}
-    (folder / SETTINGS).write_text(json.dumps(settings, indent=1))
+def save_adapters(model, folder: Path, base_model: str, rank: int, alpha: float):
+    """PEFT's format (peft's PeftModel.from_pretrained and vLLM load it): the adapters of a module named X as
+    base_model.model.X.lora_A.weight and .lora_B.weight, the settings in adapter_config.json."""
+    state = {f"base_model.model.{name}.weight": value.contiguous() for name, value in adapter_state(model).items()}
+    save_file(state, folder / WEIGHTS)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
+              "lora_alpha": alpha, "target_modules": sorted({name.split(".")[-2] for name in adapter_state(model)}),
+              "lora_dropout": 0.0, "bias": "none", "inference_mode": True,
+              "fan_in_fan_out": any(isinstance(layer.base, Conv1D) for layer in lora_layers(model))}
+    (folder / CONFIG).write_text(json.dumps(config, indent=1))
 
 
 def load_adapters(model, folder: Path):
-    settings = json.loads((folder / SETTINGS).read_text())
-    add_lora(model, settings["rank"], settings["alpha"], settings["targets"])
-    state = torch.load(folder / "adapters.pt", weights_only=True, map_location=model.device)
+    """Adds the adapters saved in folder (PEFT's format, plain LoRA) to model."""
+    config = json.loads((folder / CONFIG).read_text())
+    other = [k for k, v in config.items() if v and k not in PLAIN and (k, v) not in PLAIN_VALUES]  # DoRA, PiSSA...
+    if config.get("peft_type") != "LORA" or other:
+        raise ValueError(f"the adapters in {folder} are not plain LoRA ({other or config.get('peft_type')}): use peft")
+    state = {key.removeprefix("base_model.model.").removesuffix(".weight"): value
+             for key, value in load_file(folder / WEIGHTS, device=str(model.device)).items()}
+    add_lora(model, config["r"], config["lora_alpha"], sorted({key.split(".")[-2] for key in state}))
     result = model.load_state_dict(state, strict=False)  # strict=False: the base weights are not in it
     if result.unexpected_keys or any(".lora_" in key for key in result.missing_keys):
         raise ValueError(f"the adapters in {folder} do not fit this model: {result.unexpected_keys[:3]} "

@@ -516,7 +516,8 @@ class Config:
     lora_rank: int = option(0, "adapter rank; 0 trains every weight instead (paper: 64)")
     lora_alpha: float = option(128.0, "the adapters' update is alpha / rank * B A (paper: 128)")
     lora_targets: str = option("all", "linear layers with adapters, e.g. q_proj,v_proj; all: every one but the LM head")
-    save_merged: bool = option(False, "with LoRA, checkpoints also hold the merged float32 weights (from_pretrained)")
+    save_merged: bool = option(False, "with LoRA, checkpoints also hold merged/: the float32 model with the adapters "
+                               "folded in (in bf16 weights most of a small update would round away)")
     gradient_checkpointing: bool = option(False, "recompute activations during backward: less memory, slower")
     # optimisation
     steps: int = option(700, "optimizer steps (paper: about 100)")
@@ -649,12 +650,14 @@ def save_checkpoint(out: Path, step: int, model, teacher, tokenizer, optimizer, 
     lora = bool(lora_layers(model))
     if lora:  # the float32 adapters and the name of their base model: exactly the model that trained
         base = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
-        save_adapters(model, tmp, base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
-    if cfg.save_merged or not lora:
-        model.save_pretrained(tmp, state_dict=merged_state_dict(model) if lora else None)
+        save_adapters(model, tmp, base, cfg.lora_rank, cfg.lora_alpha)
+    merged = tmp / "merged" if lora else tmp  # its own folder: beside adapter_config.json, from_pretrained with
+    if cfg.save_merged or not lora:  # peft installed would add the adapters to weights that hold them already
+        model.save_pretrained(merged, state_dict=merged_state_dict(model) if lora else None)
     if cfg.save_merged and lora:  # float32 in config.json too, or from_pretrained would round them to bf16
-        config = json.loads((tmp / "config.json").read_text())
-        (tmp / "config.json").write_text(json.dumps({**config, "dtype": "float32"}, indent=2))
+        config = json.loads((merged / "config.json").read_text())
+        (merged / "config.json").write_text(json.dumps({**config, "dtype": "float32"}, indent=2))
+        tokenizer.save_pretrained(merged)
     tokenizer.save_pretrained(tmp)
     if 0 < cfg.teacher_decay < 1:  # an EMA teacher has weights of its own; the others are rebuilt
         teacher.save_pretrained(tmp / "teacher")

@@ -21,7 +21,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lora import SETTINGS, load_adapters
+from lora import CONFIG, load_adapters
 
 
 def best_device() -> str:
@@ -35,8 +35,8 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 
 def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False):
-    """Model and tokenizer on best_device(), in resolve_dtype(dtype), or a ValueError that says why. An opsd LoRA
-    checkpoint (a folder with lora.SETTINGS) is its base model plus its float32 adapters: the model that trained."""
+    """Model and tokenizer on best_device(), in resolve_dtype(dtype), or a ValueError that says why. A LoRA
+    checkpoint (a folder with PEFT's adapter_config.json) is its base model plus its float32 adapters."""
     path = Path(name_or_path)
     if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
         raise ValueError(f"no folder {name_or_path!r} (and it is no hub name): check the path")
@@ -44,8 +44,9 @@ def load_model(name_or_path: str, dtype: str = "auto", trust_remote_code: bool =
         raise ValueError(f"{name_or_path} holds no tokenizer: save the model's there (tokenizer.save_pretrained)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        if (path / SETTINGS).exists():  # the base model, then the adapters on it
-            model = load_model(json.loads((path / SETTINGS).read_text())["base_model"], dtype, trust_remote_code)[0]
+        if (path / CONFIG).exists():  # the base model, then the adapters on it
+            base = json.loads((path / CONFIG).read_text())["base_model_name_or_path"]
+            model = load_model(base, dtype, trust_remote_code)[0]
             load_adapters(model, path)
         else:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype),

@@ -1,6 +1,7 @@
 """LoRA and a real-model layout: a tiny random Qwen3 with a Qwen3-style chat template, trained with adapters
 and the fixed teacher (the same network, adapters off)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +10,11 @@ import pytest
 import torch
 from conftest import make_model, qwen3_tokenizer
 from test_train import small_config
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import opsd
-from lora import LoRALinear, adapters_off, add_lora, lora_layers
+from lora import CONFIG, WEIGHTS, LoRALinear, adapters_off, add_lora, load_adapters, lora_layers, save_adapters
 from opsd import parse_config, save_checkpoint, train
 from sampling import load_model
 
@@ -23,7 +25,7 @@ IDS = torch.tensor([[5, 17, 30, 41, 9, 77, 3, 12]])
 
 def logits(model):
     with torch.no_grad():
-        return model(input_ids=IDS).logits
+        return model(input_ids=IDS.to(model.device)).logits.cpu()
 
 
 def lora_model(seed=0):
@@ -99,14 +101,14 @@ def test_trained_adapters_merge_reload_and_switch_off_to_the_base(qwen3_dir, tmp
     checkpoint = run / "step_3"
     base = AutoModelForCausalLM.from_pretrained(qwen3_dir)
     model = AutoModelForCausalLM.from_pretrained(qwen3_dir)
-    add_lora(model, 4, 8, TARGETS)
-    model.load_state_dict(torch.load(checkpoint / "adapters.pt"), strict=False)
+    load_adapters(model, checkpoint)
+    assert len(lora_layers(model)) == 2 * len(TARGETS)
     assert all(layer.lora_B.abs().sum() > 0 for layer in lora_layers(model))  # they trained
     with adapters_off(model):
         assert torch.equal(logits(model), logits(base))  # the fixed teacher is exactly the base model
     trained = logits(model)
     assert not torch.allclose(trained, logits(base), atol=1e-4)
-    merged = AutoModelForCausalLM.from_pretrained(checkpoint)  # a plain model: no opsd needed to load it
+    merged = AutoModelForCausalLM.from_pretrained(checkpoint / "merged")  # a plain model: no opsd needed to load it
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
     torch.testing.assert_close(logits(merged), trained, atol=1e-5, rtol=1e-5)
     loaded, _ = load_model(str(checkpoint))  # as evaluate.py loads it: the base plus the adapters
@@ -118,15 +120,15 @@ def test_lora_training_resumes_exactly_and_fused_equals_plain(qwen3_dir, tmp_pat
     train(small_config(qwen3_dir, tmp_path / "straight", steps=2, **lora))
     train(small_config(qwen3_dir, tmp_path / "resumed", steps=1, **lora))
     train(small_config(qwen3_dir, tmp_path / "resumed", steps=2, resume=True, **lora))
-    straight, resumed = (torch.load(tmp_path / name / "step_2" / "adapters.pt") for name in ("straight", "resumed"))
-    assert not (tmp_path / "straight" / "step_2" / "config.json").exists()  # adapters alone
+    straight, resumed = (load_file(tmp_path / name / "step_2" / WEIGHTS) for name in ("straight", "resumed"))
+    assert not (tmp_path / "straight" / "step_2" / "merged").exists()  # adapters alone
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
 
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
     for name, fused in (("fused", True), ("plain", False)):
         train(small_config(qwen3_dir, tmp_path / name, steps=1, fused=fused, lr=1.0, grad_clip=1e9, **lora))
-    fused, plain = (torch.load(tmp_path / name / "step_1" / "adapters.pt") for name in ("fused", "plain"))
+    fused, plain = (load_file(tmp_path / name / "step_1" / WEIGHTS) for name in ("fused", "plain"))
     for name in fused:
         torch.testing.assert_close(fused[name], plain[name], atol=1e-5, rtol=0)
 
@@ -156,7 +158,7 @@ def test_cli_trains_the_qwen3_stand_in_with_lora_and_gradient_checkpointing(qwen
     assert "held-out problems (teacher with reference" in done.stdout.strip().splitlines()[-2]  # then the curves
     assert "were skipped to fit their prompts in 115 tokens" in done.stdout  # teacher prompts: 106-124
     checkpoint = tmp_path / "run" / "step_2"
-    assert (checkpoint / "adapters.pt").exists() and not (checkpoint / "model.safetensors").exists()
+    assert (checkpoint / WEIGHTS).exists() and not (checkpoint / "merged").exists()
     assert "the divergence takes the fused path" in done.stdout
     assert ("LoRA on 14 layers (down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj): 4,096 "
             in done.stdout and "trainable parameters" in done.stdout)
@@ -187,7 +189,55 @@ def test_a_bf16_lora_checkpoint_loads_as_the_model_that_trained(qwen3_dir, tmp_p
         if name in in_memory["merged"]:
             m.weight.data = in_memory["merged"][name].to(torch.bfloat16)
     assert (logits(bf16_merge).float() - in_memory["logits"]).abs().mean() > 0.5 * effect  # the test can fail
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "step_3")  # the float32 export
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "step_3" / "merged")  # the float32 export
     assert merged.dtype == torch.float32
     for name, weight in in_memory["merged"].items():
         assert torch.equal(merged.get_submodule(name).weight, weight), name
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gpt2"])  # GPT-2: Conv1D layers, which peft takes as fan_in_fan_out
+def test_peft_loads_the_adapters_as_opsd_does(kind, tmp_path):
+    peft = pytest.importorskip("peft", reason="pip install peft to check the adapters' format against peft")
+    tokenizer = qwen3_tokenizer()
+    base, model = make_model(kind, tokenizer), make_model(kind, tokenizer)
+    add_lora(model, rank=4, alpha=8, targets=["all"])
+    for layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B)  # trained adapters: not zero
+    save_adapters(model, tmp_path, "base", rank=4, alpha=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, WEIGHTS]
+    via_peft = peft.PeftModel.from_pretrained(base, tmp_path)
+    assert not torch.allclose(logits(via_peft), logits(make_model(kind, tokenizer)), atol=1e-3)
+    torch.testing.assert_close(logits(via_peft), logits(model), atol=1e-6, rtol=1e-6)
+    reloaded = make_model(kind, tokenizer)
+    load_adapters(reloaded, tmp_path)
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_adapters_that_peft_saved_load_as_peft_runs_them(tmp_path):
+    peft = pytest.importorskip("peft", reason="pip install peft to check the adapters' format against peft")
+    via_peft = peft.get_peft_model(make_model("qwen3", qwen3_tokenizer()), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    for name, p in via_peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    via_peft.save_pretrained(tmp_path)  # every field of peft's config, most at their defaults
+    model = make_model("qwen3", qwen3_tokenizer())
+    load_adapters(model, tmp_path)
+    assert len(lora_layers(model)) == 4 and not torch.allclose(logits(model), logits(lora_model()), atol=1e-3)
+    torch.testing.assert_close(logits(model), logits(via_peft), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("setting", [{"use_dora": True}, {"init_lora_weights": "pissa"},
+                                     {"alora_invocation_tokens": [5, 6]}])
+def test_adapters_that_are_not_plain_lora_are_refused(setting, tmp_path):
+    model = lora_model()
+    save_adapters(model, tmp_path, "base", rank=4, alpha=8)
+    config = json.loads((tmp_path / CONFIG).read_text())
+    (tmp_path / CONFIG).write_text(json.dumps(config | setting))
+    with pytest.raises(ValueError, match=rf"not plain LoRA \(\['{next(iter(setting))}'\]\): use peft"):
+        load_adapters(make_model("qwen3", qwen3_tokenizer()), tmp_path)
+    (tmp_path / CONFIG).write_text(json.dumps(config))
+    state = load_file(tmp_path / WEIGHTS)
+    save_file({k: v for k, v in state.items() if ".layers.1." not in k}, tmp_path / WEIGHTS)  # one layer's alone
+    with pytest.raises(ValueError, match="do not fit this model"):
+        load_adapters(make_model("qwen3", qwen3_tokenizer()), tmp_path)
