@@ -102,7 +102,13 @@ def load_examples(source: str, split: str = "train", n: int | None = None, seed:
     if kind and not Path(source).is_file():
         raise ValueError(f"no data file {source!r}: check the path")
     try:  # a local file loads as one split, 'train'
+        text = Path(source).read_text(encoding="utf-8") if kind in ("json", "csv") else "-"  # (datasets' errors
+        if len(text.strip().splitlines()) < 1 + (kind == "csv"):  # on these name neither where nor why)
+            raise ValueError(f"{source} holds no problems: it needs a row per problem (a CSV file: after a header)")
         splits = datasets.load_dataset(kind, data_files=source) if kind else datasets.load_dataset(name, config)
+    except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError) as e:  # a malformed or non-UTF-8 file
+        why = re.sub(r"in row (\d+)", lambda m: f"on line {int(m[1]) + 1}", str(e.__cause__ or e))
+        raise ValueError(f"cannot read {source}: {why}. Fix the file (UTF-8; JSONL: one object a line)") from None
     except OSError as e:  # not on the hub, or the hub out of reach
         raise ValueError(f"cannot load the data set {source!r}: {str(e).splitlines()[0]} (offline, a hub data "
                          "set must be in the local cache; a local file needs a .jsonl, .json, .csv or .parquet "
@@ -133,7 +139,7 @@ def load_examples(source: str, split: str = "train", n: int | None = None, seed:
 
 def extract_answer(text: str, strict: bool = False) -> str | None:
     """The content of the last \\boxed{...} or \\fbox{...}, nested braces included (None if it is cut off);
-    without a box, what follows the last '####' (GSM8K's convention) or 'the answer is'; else None. strict:
+    without a box, what follows the last '####' (GSM8K's convention) or 'the (final) answer is'; else None. strict:
     the last \\boxed{...} only, the rule of the paper's evaluation."""
     boxes = list(re.finditer(r"\\boxed\{" if strict else r"\\(?:boxed|fbox)\{", text))
     if boxes:
@@ -143,7 +149,7 @@ def extract_answer(text: str, strict: bool = False) -> str | None:
             if depth < 0:
                 return text[begin:i].strip()
         return None  # cut off inside the box
-    for marker in () if strict else ("####", "answer is:?"):
+    for marker in () if strict else ("####", "the (?:final )?answer is:?"):
         found = re.findall(marker + r"(.*)", text, re.IGNORECASE)
         if found:
             return re.sub(r"^[\s$*]+|[\s$*.]+$", "", found[-1]) or None

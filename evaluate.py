@@ -15,6 +15,7 @@ import ast
 import json
 import math
 import operator
+import os
 import re
 import statistics
 import sys
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from data import (BENCHMARKS, PRESETS, Example, encode, evaluation_prompt, extract_answer, load_examples,
                   student_prompt, teacher_prompt)
-from sampling import load_model, sample, stop_ids
+from sampling import best_device, load_model, sample, stop_ids
 
 try:
     import math_verify  # optional: symbolic equivalence, asked only where the rules below cannot decide
@@ -196,34 +197,36 @@ def evaluate(model, tokenizer, examples: list[Example], with_reference: bool = F
              max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0, out_path: str | None = None,
              progress: bool = False, paper: bool = False, fast: bool = False) -> dict:
     """summarize's scores of `samples` completions per problem, from the question alone or (with_reference) the
-    teacher's context; out_path gets one JSONL row per problem. paper=True: as the paper evaluates its benchmarks,
-    evaluation_prompt and the last \\boxed{} only. fast=True: sampling.sample's fast path."""
+    teacher's context; out_path gets one JSONL row per problem as it is graded (in order of prompt length). paper=True:
+    as the paper evaluates its benchmarks, evaluation_prompt and the last \\boxed{} only. fast=True: the fast path."""
     if with_reference and not all(ex.solution for ex in examples):
         raise ValueError("with_reference needs reference solutions, and some problems have none: name the "
                          "column with --solution_column")
     render = teacher_prompt if with_reference else evaluation_prompt if paper else student_prompt
     prompts = [render(ex, tokenizer, thinking) for ex in examples]
     ids = [encode(p, tokenizer) for p in prompts]
-    jobs = sorted(((i, s) for i in range(len(examples)) for s in range(samples)), key=lambda job: len(ids[job[0]]))
-    completions = [[[] for _ in range(samples)] for _ in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(ids[i]))  # prompts of similar lengths: little padding
     generator, stops = torch.Generator(model.device).manual_seed(seed), stop_ids(model, tokenizer)
     model.eval()
-    for start in tqdm(range(0, len(jobs), batch_size), desc="evaluate", disable=not progress):
-        batch = jobs[start:start + batch_size]  # prompts of similar lengths: little padding
-        outputs = sample(model, [ids[i] for i, _ in batch], max_new_tokens, temperature, top_p, top_k,
-                         stops, tokenizer.pad_token_id, generator, fast)
-        for (i, s), output in zip(batch, outputs):
-            completions[i][s] = output
-    rows = []
-    for ex, prompt, outputs in zip(examples, prompts, completions):
-        texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
-        rows.append({"question": ex.question, "answer": ex.answer, "prompt": prompt, "completions": texts,
-                     **grade(texts, ex.answer, strict=paper), "lengths": [len(o) for o in outputs],
-                     "truncated": [len(o) == max_new_tokens and o[-1] not in stops for o in outputs]})
-    if out_path:
+    if out_path:  # a row per problem, written as soon as it is graded: a run that is stopped keeps them
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return summarize(rows, samples)
+        Path(out_path).write_text("")
+    rows, per_batch = {}, max(1, batch_size // samples)  # problems per batch, all their samples side by side
+    for start in tqdm(range(0, len(order), per_batch), desc="evaluate", disable=not progress):
+        batch = order[start:start + per_batch]
+        outputs = sample(model, [ids[i] for i in batch for _ in range(samples)], max_new_tokens, temperature, top_p,
+                         top_k, stops, tokenizer.pad_token_id, generator, fast)
+        for j, i in enumerate(batch):
+            mine = outputs[j * samples:(j + 1) * samples]
+            texts = tokenizer.batch_decode(mine, skip_special_tokens=True)
+            rows[i] = {"question": examples[i].question, "answer": examples[i].answer, "prompt": prompts[i],
+                       "completions": texts, **grade(texts, examples[i].answer, strict=paper),
+                       "lengths": list(map(len, mine)),
+                       "truncated": [len(o) == max_new_tokens and o[-1] not in stops for o in mine]}
+            if out_path:
+                with open(out_path, "a") as f:
+                    f.write(json.dumps(rows[i]) + "\n")
+    return summarize([rows[i] for i in range(len(examples))], samples)
 
 
 def main():
@@ -257,8 +260,13 @@ def main():
     if (run / "latest").is_file():  # a run folder: its newest checkpoint
         args.model = str(run / (run / "latest").read_text().strip())
     thinking = args.with_reference if args.thinking is None else args.thinking  # the teacher's or the student's
-    out = args.out or (f"runs/eval/{'_'.join(Path(args.model).parts[-2:])}_{Path(args.dataset).stem}"
-                       f"{'_with_reference' if args.with_reference else ''}.jsonl")
+    model = Path(args.model).resolve() if Path(args.model).exists() else Path(args.model)  # a hub name: as it is
+    name = "_".join(model.parts[-2:] if model.name.startswith("step_") or not model.exists() else [model.name])
+    out = args.out or f"runs/eval/{name}_{Path(args.dataset).stem}{'_with_reference' * args.with_reference}.jsonl"
+    if best_device() == "cpu":  # threads that other jobs leave free: a thread that waits for a core stalls the rest
+        cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - round(load))))
+        print(f"{torch.get_num_threads()} CPU threads ({cores} cores, load average {load:.1f} before this started)")
     try:  # bad input: one line that says what to do, no traceback, nothing written
         examples = load_examples(args.dataset, args.split, args.n, question_column=args.question_column,
                                  solution_column=args.solution_column, answer_column=args.answer_column)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from data import BUILTIN, Example, encode, extract_answer, fit_prompts, load_examples, student_prompt, teacher_prompt
@@ -52,6 +53,7 @@ class Rollouts:
     teacher_prompts: list[list[int]]  # the teacher's prompt: x and the reference solution y*
     completions: list[list[int]]  # y_hat ~ p_S(. | x), ending in EOS unless cut at max_new_tokens (SFT: y*)
     rewards: torch.Tensor  # (B,) 1.0 where the completion's final answer is right: GRPO's reward, and logged
+    truncated: torch.Tensor  # (B,) True where the completion was cut at max_new_tokens: logged
 
 
 def collect_rollouts(model, tokenizer, problems: list[Example], cfg: "Config", generator) -> Rollouts:
@@ -62,15 +64,19 @@ def collect_rollouts(model, tokenizer, problems: list[Example], cfg: "Config", g
     student_prompts = [encode(student_prompt(ex, tokenizer, cfg.student_thinking), tokenizer) for ex in problems]
     teacher_prompts = [encode(teacher_prompt(ex, tokenizer, cfg.teacher_thinking), tokenizer) for ex in problems]
     model.eval()
+    stops = stop_ids(model, tokenizer)
     if cfg.method == "sft":  # the baseline imitates the references: nothing is sampled
         completions = [(tokenizer(ex.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
                        [:cfg.max_new_tokens] for ex in problems]
     else:
         completions = sample(model, student_prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
-                             stop_ids(model, tokenizer), tokenizer.pad_token_id, generator, cfg.fast_sampling)
+                             stops, tokenizer.pad_token_id, generator, cfg.fast_sampling)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     rewards = torch.tensor([float(is_equivalent(extract_answer(t), ex.answer)) for t, ex in zip(texts, problems)])
-    return Rollouts(student_prompts, teacher_prompts, completions, rewards)
+    truncated = torch.tensor([len(c) == cfg.max_new_tokens and c[-1] not in stops for c in completions])
+    k = cfg.skip_tokens  # the loss leaves out the first k completion tokens: they join both prompts, as context
+    prompts = [[p + c[:k] for p, c in zip(side, completions)] for side in (student_prompts, teacher_prompts)]
+    return Rollouts(*prompts, [c[k:] for c in completions], rewards, truncated)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,7 +153,8 @@ def divergence(student_logits, teacher_logits, mask, beta=0.0, temperature=1.0, 
     """The per-token divergence of Eq. 8, averaged over the completion tokens in mask (B, L). beta=0 is
     forward KL(p_T || p_S), beta=1 reverse KL(p_S || p_T), in between the generalised JSD. clip caps each
     per-vocabulary term; a capped term passes no gradient, but the softmax normaliser still pushes it down.
-    When a dict is given as stats, it receives the unclipped divergence and the clipped teacher mass."""
+    When a dict is given as stats, it receives the unclipped divergence, the clipped teacher mass and the
+    student's entropy (at temperature T), each a mean over the tokens."""
     student_logp = log_probs(student_logits, temperature)  # (B, L, V)
     teacher_logp = log_probs(teacher_logits.detach(), temperature)  # (B, L, V): a target, never a gradient
     terms = divergence_terms(student_logp, teacher_logp, beta)  # (B, L, V)
@@ -156,6 +163,7 @@ def divergence(student_logits, teacher_logits, mask, beta=0.0, temperature=1.0, 
             stats["divergence"] = masked_mean(terms.sum(-1), mask).item()
             capped_mass = (teacher_logp.exp() * (terms > clip)).sum(-1) if clip is not None else mask * 0.0
             stats["clipped_mass"] = masked_mean(capped_mass, mask).item()
+            stats["entropy"] = masked_mean(-(student_logp.exp() * student_logp).sum(-1), mask).item()
     if clip is not None:
         terms = terms.clamp(max=clip)  # v3: sum_v min(l_{n,v}, tau)
     return masked_mean(terms.sum(-1), mask)
@@ -267,7 +275,8 @@ def train_step(model, teacher, optimizer, rollouts: Rollouts, cfg: "Config", lr:
     # of the tokens add up to exactly the gradient of one big batch. all_sum: the counts of every torchrun
     # process (in one process, the counts themselves).
     n_tokens, n_rollouts = map(int, all_sum([sum(map(len, completions)), len(completions)], model.device))
-    totals = dict(loss=0.0, divergence=0.0, clipped_mass=0.0, rollout_acc=rollouts.rewards.sum().item() / n_rollouts)
+    totals = dict(loss=0.0, rollout_acc=rollouts.rewards.sum().item() / n_rollouts,
+                  truncated=rollouts.truncated.sum().item() / n_rollouts)
     if cfg.method == "grpo":  # groups whose rollouts all score the same teach nothing
         zero_std = (rollouts.rewards.view(-1, cfg.group_size).std(1) == 0).sum().item()
         totals["zero_std_groups"] = zero_std * cfg.group_size / n_rollouts
@@ -283,10 +292,10 @@ def train_step(model, teacher, optimizer, rollouts: Rollouts, cfg: "Config", lr:
             loss = sft_loss(model, student_prompts, completions[part])
         else:
             loss = grpo_loss(model, student_prompts, completions[part], advantages[part], cfg.temperature)
-        share = sum(map(len, completions[part])) / n_tokens  # this micro-batch's share of the step's tokens
+        share = sum(map(len, completions[part])) / max(n_tokens, 1)  # this micro-batch's share of the step's tokens
         (loss * share).backward()
-        for key, value in (("loss", loss.item()), *stats.items()):
-            totals[key] += value * share
+        for key, value in (("loss", loss.item()), *stats.items()):  # OPSD's: divergence, clipped mass, entropy
+            totals[key] = totals.get(key, 0.0) + value * share
     if torch.distributed.is_initialized():  # torchrun: sum the gradients of the trained parameters of all ranks
         for p in optimizer.param_groups[0]["params"]:
             torch.distributed.all_reduce(p.grad)
@@ -362,7 +371,7 @@ def chunk_log_probs(hidden: torch.Tensor, weight: torch.Tensor, temperature: flo
 
 class FusedDivergence(torch.autograd.Function):
     """Sums over the N completion tokens (the rows `index` of the (M, H) hidden states) of the loss (the clipped
-    divergence, or the sampled-token loss at sampled_ids), the unclipped divergence and the clipped mass."""
+    divergence, or the sampled-token loss at sampled_ids), the unclipped divergence, the clipped mass, the entropy."""
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, index, sampled_ids, beta, temperature, clip,
@@ -376,7 +385,7 @@ class FusedDivergence(torch.autograd.Function):
         product_dtype = low if (hidden.is_cuda and dtype == torch.float32 and low in (torch.bfloat16, torch.float16)
                                 and torch.__version__ >= (2, 10)) else None
         grad_weight = torch.zeros_like(weight, dtype=dtype) if train_head else None  # (V, H)
-        sums = torch.zeros(3, dtype=dtype, device=hidden.device)  # loss, divergence, clipped mass
+        sums = torch.zeros(4, dtype=dtype, device=hidden.device)  # loss, divergence, clipped mass, entropy
         for i in range(0, index.numel(), chunk_size):
             rows = index[i:i + chunk_size]  # (C,)
             h = hidden[rows]  # (C, H)
@@ -384,6 +393,7 @@ class FusedDivergence(torch.autograd.Function):
             teacher_logp = chunk_log_probs(teacher_hidden[rows], teacher_weight, temperature)  # (C, V)
             terms, g = terms_and_grads(student_logp, teacher_logp, beta)  # (C, V), (C, V)
             sums[1] += terms.sum()
+            sums[3] -= student_logp.exp().mul_(student_logp).sum()
             if clip is not None:
                 capped = terms > clip
                 sums[2] += teacher_logp.exp().mul_(capped).sum()
@@ -402,10 +412,10 @@ class FusedDivergence(torch.autograd.Function):
             elif train_head:  # float32 x float32 (an in-place matmul ignores autocast): exact, slow on a GPU
                 grad_weight.addmm_(dz.T, h.to(dtype))
         ctx.grads = grad_hidden, grad_weight.to(weight.dtype) if train_head else None
-        return sums[0], sums[1], sums[2]
+        return sums[0], sums[1], sums[2], sums[3]
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_divergence, _grad_clipped_mass):
+    def backward(ctx, grad_loss, *_grad_statistics):
         # Scaled in place and handed over (no reference kept), so that autograd stores them as they are
         # rather than copying: a second (V, H) tensor would double the memory. The graph is used once.
         grad_hidden, grad_weight = ctx.grads
@@ -429,12 +439,13 @@ def fused_divergence(student_hidden, teacher_hidden, weight, mask, beta=0.0, tem
     index = mask.reshape(-1).nonzero().squeeze(-1)  # (N,): the rows that are completion tokens
     target_weight = (weight if teacher_weight is None else teacher_weight).detach()  # a target: no gradient
     sampled_ids = None if sampled_ids is None else sampled_ids.reshape(-1)  # (M,)
-    loss, divergence_sum, clipped_mass = FusedDivergence.apply(
+    loss, divergence_sum, clipped_mass, entropy = FusedDivergence.apply(
         student_hidden.reshape(-1, H), weight, teacher_hidden.detach().reshape(-1, H), target_weight, index,
         sampled_ids, beta, temperature, clip, chunk_size)
     count = max(index.numel(), 1)
     if stats is not None:
-        stats["divergence"], stats["clipped_mass"] = divergence_sum.item() / count, clipped_mass.item() / count
+        stats |= {"divergence": divergence_sum.item() / count, "clipped_mass": clipped_mass.item() / count,
+                  "entropy": entropy.item() / count}
     return loss / count
 
 
@@ -486,8 +497,8 @@ class Config:
     answer_column: str = option("", "column of the final answers (default: the preset's, else read from the solution)")
     eval_dataset: str = option("", "held-out problems (default: the built-in test split, or eval_size of --dataset)")
     eval_columns: str = option("", "--eval_dataset's question,solution,answer columns (default: its preset's)")
-    max_prompt_tokens: int = option(2048, "longest prompt: a longer reference is cut in its middle, "
-                                    "a problem still too long is skipped")
+    max_prompt_tokens: int = option(0, "longest prompt (0: the model's context less max_new_tokens): a longer "
+                                    "reference is cut in its middle, a problem still too long is skipped")
     out_dir: str = option("runs/opsd", "where metrics.jsonl, curves.png and the checkpoints go")
     resume: bool = option(False, "continue the run in out_dir from its last checkpoint")
     seed: int = option(0, "seed of the problem order, the sampling and the initialisation")
@@ -506,6 +517,8 @@ class Config:
     clip: float | None = option(None, "cap on each per-vocabulary term of the divergence (paper v3: 0.05); none = off")
     sampled_token: bool = option(False, "the sampled-token loss, -(log p_T - log p_S)(y_n) log p_S(y_n), instead")
     fused: bool = option(True, "full-vocabulary divergence from hidden states, a chunk of tokens at a time")
+    skip_tokens: int = option(0, "leave the first k completion tokens out of the loss (TRL's num_loss_tokens_to_skip): "
+                              "template tokens that the two contexts render differently (data.render)")
     teacher_decay: float = option(1.0, "teacher EMA decay: 1 = fixed initial weights (paper), 0 = current weights")
     off_policy: bool = option(False, "a control: rollouts from the initial weights, not the student (needs "
                               "teacher_decay 1): what being on-policy buys")
@@ -536,19 +549,17 @@ class Config:
             "beta must lie in [0, 1]": 0 <= self.beta <= 1,
             "temperature must be > 0 (rollouts are sampled)": self.temperature > 0,
             "top_p must lie in (0, 1]": 0 < self.top_p <= 1,
-            "top_k must be >= 0": self.top_k >= 0,
             "clip must be > 0, or none": self.clip is None or self.clip > 0,
             "teacher_decay must lie in [0, 1]": 0 <= self.teacher_decay <= 1,
-            "lora_rank must be >= 0": self.lora_rank >= 0,
             "dtype must be auto, float32 or bfloat16": self.dtype in ("auto", "float32", "bfloat16"),
             "with LoRA the teacher is the base (teacher_decay 1) or the live weights (0): an EMA needs weights of "
             "its own": self.lora_rank == 0 or self.teacher_decay in (0, 1),
             "lr, grad_clip must be > 0": self.lr > 0 and self.grad_clip > 0,
             "lr_schedule must be constant or linear": self.lr_schedule in ("constant", "linear"),
-            "keep_last must be >= 0": self.keep_last >= 0,
-            "steps, max_new_tokens, max_prompt_tokens, eval_every, eval_size, save_every must be > 0": min(
-                self.steps, self.max_new_tokens, self.max_prompt_tokens, self.eval_every, self.eval_size,
-                self.save_every) > 0,
+            "top_k, lora_rank, keep_last, max_prompt_tokens, skip_tokens must be >= 0": min(
+                self.top_k, self.lora_rank, self.keep_last, self.max_prompt_tokens, self.skip_tokens) >= 0,
+            "steps, max_new_tokens, eval_every, eval_size, save_every must be > 0": min(
+                self.steps, self.max_new_tokens, self.eval_every, self.eval_size, self.save_every) > 0,
             "method must be opsd, sft or grpo": self.method in ("opsd", "sft", "grpo"),
             "off_policy samples from the fixed teacher's weights: it needs method opsd and teacher_decay 1": (
                 not self.off_policy or self.method == "opsd" and self.teacher_decay == 1),
@@ -629,6 +640,11 @@ def find_checkpoint(out: Path, cfg: Config) -> Path | None:
     if not cfg.resume:
         return None
     checkpoint = out / (out / "latest").read_text()
+    try:  # a file cut short (a full disk) would end in the loader's traceback
+        [safe_open(weights, "pt") for weights in checkpoint.rglob("*.safetensors")]
+    except SafetensorError as e:
+        raise ValueError(f"--resume: {checkpoint} is damaged ({e}), and only the newest checkpoint keeps the "
+                         "optimizer state: start a new run (another --out_dir)") from None
     saved = json.loads((checkpoint / "opsd_config.json").read_text())
     may_change = {"resume", "keep_last", "save_merged"} | ({"steps"} if cfg.lr_schedule == "constant" else set())
     changed = [f"--{k} ({saved[k]} there, {v} here)" for k, v in asdict(cfg).items()
@@ -745,7 +761,7 @@ def load_data(cfg: Config) -> tuple[list[Example], list[Example]]:
 def fit_to_context(cfg: Config, model, tokenizer, train_set, test_set) -> tuple[list[Example], list[Example]]:
     """The problems whose prompts, and rollouts, fit the model's context (data.fit_prompts)."""
     context = getattr(model.config, "max_position_embeddings", None) or math.inf
-    limit = min(cfg.max_prompt_tokens, context - cfg.max_new_tokens)  # every prompt plus its rollout must fit
+    limit = min(cfg.max_prompt_tokens or math.inf, context - cfg.max_new_tokens)  # each prompt and its rollout fit
     if limit <= 0:
         raise ValueError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the model's "
                          f"context of {context}: lower --max_new_tokens")
@@ -830,8 +846,10 @@ def train(cfg: Config) -> list[dict]:
         if model.device.type == "cuda":
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         log(row)
-        bar.set_postfix_str(f"loss {row['loss']:.4f} div {row['divergence']:.4f} clip {row['clipped_mass']:.3f} "
-                            f"acc {row['rollout_acc']:.0%} len {row['length']:.1f} tok/s {row['tokens_per_s']:.0f}")
+        bar.set_postfix_str(" ".join(f"{name} {row[key]:{form}}" for name, key, form in (
+            ("loss", "loss", ".4f"), ("div", "divergence", ".4f"), ("entropy", "entropy", ".2f"),
+            ("clip", "clipped_mass", ".3f"), ("acc", "rollout_acc", ".0%"), ("len", "length", ".1f"),
+            ("cut", "truncated", ".0%"), ("tok/s", "tokens_per_s", ".0f")) if key in row))  # SFT: no divergence
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             evaluate_and_log(step + 1)
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):

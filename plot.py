@@ -13,7 +13,8 @@ from pathlib import Path
 PANELS = [  # (title, [(key in metrics.jsonl, label)]): the keys opsd.train logs; the baselines' rows lack a few
     ("held-out accuracy", [("student_acc", "student, question alone"), ("teacher_acc", "teacher, with reference")]),
     ("loss", [("loss", None)]), ("divergence (before the clip)", [("divergence", None)]),
-    ("clipped teacher mass", [("clipped_mass", None)]), ("rollout length (tokens)", [("length", None)]),
+    ("clipped teacher mass", [("clipped_mass", None)]), ("student entropy (nats per token)", [("entropy", None)]),
+    ("rollout length (tokens)", [("length", None)]), ("rollouts cut at max_new_tokens", [("truncated", None)]),
     ("tokens/s", [("tokens_per_s", None)])]
 
 
@@ -42,9 +43,9 @@ def plot_run(out_dir) -> Path:
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("plot.py needs matplotlib: pip install matplotlib") from None
-    figure = Figure(figsize=(10, 5.6), layout="constrained")
+    figure = Figure(figsize=(13, 5.6), layout="constrained")
     FigureCanvasAgg(figure)  # the Agg renderer, whatever backend pyplot uses elsewhere
-    axes = figure.subplots(2, 3, sharex=True)
+    axes = figure.subplots(2, 4, sharex=True)
     for ax, (title, curves) in zip(axes.flat, PANELS):
         for key, label in curves:
             points = [(r["step"], r[key]) for r in rows if key in r]

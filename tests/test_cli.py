@@ -96,6 +96,10 @@ def test_real_shape_benchmark_runs_on_a_tiny_shape():
     ("evaluate.py", ["--dataset", "missing.parquet"], "no data file 'missing.parquet'"),
     ("evaluate.py", ["--dataset", "ANSWERS", "--answer_column", "answer", "--with_reference"],
      "with_reference needs reference solutions"),
+    ("opsd.py", ["--dataset", "MALFORMED"], "bad.jsonl: JSON parse error: Missing a name for object member. on line 2"),
+    ("evaluate.py", ["--dataset", "MALFORMED"], "on line 2. Fix the file (UTF-8; JSONL: one object a line)"),
+    ("evaluate.py", ["--dataset", "LATIN1"], "latin1.jsonl: 'utf-8' codec can't decode byte 0xe9"),
+    ("opsd.py", ["--dataset", "EMPTY"], "empty.jsonl holds no problems: it needs a row per problem"),
 ])
 def test_bad_input_is_one_line_that_says_what_to_do_and_writes_nothing(script, args, message, model_dir, tmp_path):
     bare = tmp_path / "bare"  # a model folder without its tokenizer
@@ -105,7 +109,13 @@ def test_bad_input_is_one_line_that_says_what_to_do_and_writes_nothing(script, a
     defaults = ["--model", str(ROOT / "tiny" / "model")]
     answers = tmp_path / "answers.jsonl"  # problems with answers and no reference solutions
     answers.write_text(json.dumps({"question": "1+1?", "solution": "", "answer": "2"}) + "\n")
-    args = [{"BARE": str(bare), "ANSWERS": str(answers)}.get(a, a) for a in args]
+    files = {"MALFORMED": ("bad.jsonl", b'{"question": "1+1?", "solution": "2"}\n{"question": "2+2?", solution: "4"}\n'),
+             "LATIN1": ("latin1.jsonl", '{"question": "caf\u00e9?", "solution": "2"}\n'.encode("latin-1")),
+             "EMPTY": ("empty.jsonl", b"\n")}
+    for name, content in files.values():
+        (tmp_path / name).write_bytes(content)
+    files = {key: str(tmp_path / name) for key, (name, _) in files.items()}
+    args = [{"BARE": str(bare), "ANSWERS": str(answers), **files}.get(a, a) for a in args]
     done = subprocess.run([sys.executable, str(ROOT / script), *defaults, *args], cwd=work, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode != 0 and "Traceback" not in done.stderr

@@ -185,6 +185,8 @@ def test_a_long_reference_is_cut_in_its_middle_and_what_cannot_fit_is_skipped(ca
     ("48/2 = 24 clips.\n#### 24", "24"),  # GSM8K
     ("So the answer is 17.", "17"),
     ("The final answer is: $\\frac{3}{4}$.", "\\frac{3}{4}"),
+    ("this answer is that 5 is prime", None),  # "the answer is" or "the final answer is" only
+    ("The answer is 6.\nOur answer is 7.", "6"),
     ("#### ", None),
 ])
 def test_extract_answer(text, answer):

@@ -194,3 +194,41 @@ def test_the_cli_evaluates_a_run_as_it_trained(qwen3_dir, tmp_path, monkeypatch,
     assert json.loads(teacher.read_text().splitlines()[0])["prompt"].endswith("<|im_start|>assistant\n")  # on
     scores = json.loads(alone.with_suffix(".scores.json").read_text())
     assert scores["problems"] == 3 and scores["se_problems"] is not None and "se_samples" in scores
+
+
+def test_rows_are_written_as_they_are_graded(model_dir, tmp_path, monkeypatch):
+    """A run stopped in its second batch keeps the first batch's rows."""
+    from data import Example
+    from sampling import load_model
+    model, tokenizer = load_model(str(model_dir))
+    calls, original = [], evaluate.sample
+
+    def stop_at_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "sample", stop_at_the_second_batch)
+    out = tmp_path / "rows.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate(model, tokenizer, [Example(f"{i}+1?", "", str(i + 1)) for i in range(4)], samples=2,
+                          batch_size=4, max_new_tokens=3, out_path=out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["completions"]) == 2 for r in rows)  # 2 problems x 2 samples a batch
+
+
+def test_the_default_output_is_named_after_the_model_folder_and_the_threads_are_said(qwen3_dir, tmp_path, monkeypatch,
+                                                                                    capsys):
+    import shutil
+    import sys
+    shutil.copytree(qwen3_dir, tmp_path / "models" / "mine")
+    (tmp_path / "work").mkdir()
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "solution": "\\boxed{2}"}) + "\n")
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", "../models/mine", "--dataset", str(data),
+                                      "--max_new_tokens", "2"])
+    evaluate.main()
+    assert (tmp_path / "work" / "runs" / "eval" / "mine_test.jsonl").is_file()  # not '.._models_mine'
+    assert re.search(r"\d CPU threads \(\d+ cores, load average \d+\.\d before this started\)", capsys.readouterr().out)

@@ -33,7 +33,7 @@ def pixels_of(path, colour) -> int:
 def step_row(step: int) -> dict:  # the keys train() logs for a step (a GRPO or CUDA run adds a few)
     return {"step": step, "loss": 0.3 / step, "divergence": 0.3 / step, "clipped_mass": 0.0, "rollout_acc": 0.5,
             "tokens": 860, "generated": 860, "length": 26.9, "grad_norm": 0.1, "fused": True, "seconds": 0.8,
-            "tokens_per_s": 1075.0}
+            "tokens_per_s": 1075.0, "entropy": 1.2, "truncated": 0.1}
 
 
 def test_the_curves_of_a_short_training_run(model_dir, tmp_path):
@@ -45,7 +45,7 @@ def test_the_curves_of_a_short_training_run(model_dir, tmp_path):
     path = plot_run(out)
     assert path == out / "curves.png"
     width, height = png_size(path)
-    assert 600 <= width <= 10 * 110 and 300 <= height <= width  # at most 10 inches wide at its 110 dpi
+    assert 600 <= width <= 13 * 110 and 300 <= height <= width  # at most 13 inches wide at its 110 dpi
     assert 20_000 < path.stat().st_size < 1_000_000
     assert pixels_of(path, TEACHER_ORANGE) > 50  # the teacher's accuracy is drawn
 
@@ -57,7 +57,7 @@ def test_a_run_without_evaluations_still_writing_and_without_some_keys(tmp_path)
     (tmp_path / "metrics.jsonl").write_text(text)
     path = plot_run(tmp_path)
     width, _ = png_size(path)
-    assert width <= 10 * 110 and path.stat().st_size > 20_000
+    assert width <= 13 * 110 and path.stat().st_size > 20_000
     assert pixels_of(path, TEACHER_ORANGE) == 0  # no accuracy curve: there is no evaluation
 
 

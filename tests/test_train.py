@@ -5,11 +5,12 @@ import math
 import random
 import re
 import shutil
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 import torch
 from conftest import make_model
+from data import Example
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import opsd
@@ -209,13 +210,15 @@ def test_one_train_step_is_opsd_loss_backward_and_an_optimizer_step(tokenizer):
     loss = opsd_loss(model, teacher, prompts, teacher_prompts, completions, beta=0.3)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     before = [p.detach().clone() for p in model.parameters()]
-    rollouts = Rollouts(prompts, teacher_prompts, completions, rewards=torch.tensor([1.0, 0.0, 0.0]))
+    rollouts = Rollouts(prompts, teacher_prompts, completions, rewards=torch.tensor([1.0, 0.0, 0.0]),
+                        truncated=torch.tensor([True, False, False]))
     cfg = Config(batch_size=3, micro_batch_size=1, beta=0.3, grad_clip=1e9)
     stats = train_step(model, teacher, torch.optim.SGD(model.parameters(), lr=1.0), rollouts, cfg, 0.5, fused=True)
     for p, start, grad in zip(model.parameters(), before, grads):
         torch.testing.assert_close(p.detach(), start - 0.5 * grad, rtol=1e-8, atol=1e-12)
     assert stats["loss"] == pytest.approx(loss.item(), rel=1e-10)
     assert (stats["length"], stats["tokens"], stats["rollout_acc"]) == (4, 12, pytest.approx(1 / 3))
+    assert stats["truncated"] == pytest.approx(1 / 3) and stats["entropy"] > 0
 
 
 def test_every_checkpoint_is_kept_and_loads_unless_keep_last_says_otherwise(model_dir, tmp_path):
@@ -380,3 +383,56 @@ def test_the_evaluation_data_set_has_columns_of_its_own_and_eval_size_is_named_w
     with pytest.raises(ValueError, match=r"has 6 problems: eval_size=4 held out leave fewer than batch_size=4 to "
                                          r"train on. Lower --eval_size or pass --eval_dataset"):
         load_data(small_config(model_dir, tmp_path, dataset=train_file, question_column="q", solution_column="answer"))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_skipped_tokens_carry_no_loss_and_no_gradient_and_the_rest_is_unchanged(tokenizer, fused):
+    """--skip_tokens k: the first k completion tokens join both prompts, so nothing predicts them in the loss;
+    the loss is the divergence at the other tokens alone, as a mask that leaves out the first k would give."""
+    model, teacher = make_model("llama", tokenizer, seed=0).double(), make_model("llama", tokenizer, seed=1).double()
+    problems = [Example("ann has 12 pens, gets 30 more. how many pens now?", "12+30=42. \\boxed{42}", "42")] * 3
+    cfg = Config(max_new_tokens=8, skip_tokens=3, temperature=1.0)
+    skipped = opsd.collect_rollouts(model, tokenizer, problems, cfg, torch.Generator().manual_seed(0))
+    whole = opsd.collect_rollouts(model, tokenizer, problems, replace(cfg, skip_tokens=0),
+                                  torch.Generator().manual_seed(0))
+    assert [w[3:] for w in whole.completions] == skipped.completions and len(whole.completions[0]) == 8
+    loss = opsd_loss(model, teacher, skipped.student_prompts, skipped.teacher_prompts, skipped.completions,
+                     beta=0.3, fused=fused)
+    student, mask = opsd.completion_logits(model, whole.student_prompts, whole.completions)
+    with torch.no_grad():
+        target, _ = opsd.completion_logits(teacher, whole.teacher_prompts, whole.completions)
+    mask[:, :3] = False  # the first three tokens: no loss
+    expected = opsd.divergence(student, target, mask, beta=0.3)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(loss, list(model.parameters())),
+                    torch.autograd.grad(expected, list(model.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_a_run_logs_the_cut_rollouts_and_the_students_entropy(model_dir, tmp_path):
+    train(small_config(model_dir, tmp_path / "run", steps=1))
+    row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1]
+    assert row["truncated"] == 1.0 and 0 < row["entropy"] < math.log(len(AutoTokenizer.from_pretrained(model_dir)))
+
+
+def test_resume_from_a_damaged_checkpoint_says_so_in_one_line(model_dir, tmp_path):
+    train(small_config(model_dir, tmp_path / "run", steps=1))
+    weights = tmp_path / "run" / "step_1" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as by a full disk
+    with pytest.raises(ValueError, match=r"step_1 is damaged \(.*\), and only the newest checkpoint keeps the "
+                                         r"optimizer state: start a new run"):
+        train(small_config(model_dir, tmp_path / "run", steps=2, resume=True))
+
+
+def test_the_prompt_limit_defaults_to_the_models_context(model_dir, tmp_path, capsys):
+    wide = AutoModelForCausalLM.from_pretrained(model_dir)
+    wide.config.max_position_embeddings = 4096
+    wide.save_pretrained(tmp_path / "wide")
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp_path / "wide")
+    long = tmp_path / "long.jsonl"  # references of 3,000 tokens (one a character)
+    write_rows(long, [{"question": f"{i}+1?", "solution": "1 " * 1500 + f"so \\boxed{{{i + 1}}}"} for i in range(8)])
+    settings = dict(dataset=str(long), eval_size=4, steps=1)
+    train(small_config(tmp_path / "wide", tmp_path / "run", **settings))
+    assert "shortened" not in capsys.readouterr().out  # kept whole: the limit is 4,096 - max_new_tokens
+    train(small_config(tmp_path / "wide", tmp_path / "run2", max_prompt_tokens=2048, **settings))
+    assert "4 of 4 examples had their reference solution shortened" in capsys.readouterr().out
