@@ -107,7 +107,7 @@ def load_examples(source: str, split: str = "train", n: int | None = None, seed:
             raise ValueError(f"{source} holds no problems: it needs a row per problem (a CSV file: after a header)")
         splits = datasets.load_dataset(kind, data_files=source) if kind else datasets.load_dataset(name, config)
     except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError) as e:  # a malformed or non-UTF-8 file
-        why = re.sub(r"in row (\d+)", lambda m: f"on line {int(m[1]) + 1}", str(e.__cause__ or e))
+        why = re.sub(r" in row \d+", "", str(e.__cause__ or e)).rstrip(".")  # its rows count within a block: no line
         raise ValueError(f"cannot read {source}: {why}. Fix the file (UTF-8; JSONL: one object a line)") from None
     except OSError as e:  # not on the hub, or the hub out of reach
         raise ValueError(f"cannot load the data set {source!r}: {str(e).splitlines()[0]} (offline, a hub data "

@@ -246,7 +246,8 @@ def main():
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0, help="0 keeps the whole vocabulary")
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=64, help="completions sampled at once")
+    parser.add_argument("--batch_size", type=int, default=64, help="completions sampled at once (at least "
+                        "one problem's --samples)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fast", action="store_true", help="a static cache and a compiled decode step (GPUs)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -261,12 +262,14 @@ def main():
         args.model = str(run / (run / "latest").read_text().strip())
     thinking = args.with_reference if args.thinking is None else args.thinking  # the teacher's or the student's
     model = Path(args.model).resolve() if Path(args.model).exists() else Path(args.model)  # a hub name: as it is
-    name = "_".join(model.parts[-2:] if model.name.startswith("step_") or not model.exists() else [model.name])
-    out = args.out or f"runs/eval/{name}_{Path(args.dataset).stem}{'_with_reference' * args.with_reference}.jsonl"
+    out = args.out or (f"runs/eval/{'_'.join(model.parts[-2:])}_{Path(args.dataset).stem}"
+                       f"{'_with_reference' * args.with_reference}.jsonl")
     if best_device() == "cpu":  # threads that other jobs leave free: a thread that waits for a core stalls the rest
-        cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # Linux
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # not on Windows
         torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - round(load))))
         print(f"{torch.get_num_threads()} CPU threads ({cores} cores, load average {load:.1f} before this started)")
+    Path(out).with_suffix(".scores.json").unlink(missing_ok=True)  # an earlier run's, until these are done
     try:  # bad input: one line that says what to do, no traceback, nothing written
         examples = load_examples(args.dataset, args.split, args.n, question_column=args.question_column,
                                  solution_column=args.solution_column, answer_column=args.answer_column)

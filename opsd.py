@@ -561,6 +561,7 @@ class Config:
             "steps, max_new_tokens, eval_every, eval_size, save_every must be > 0": min(
                 self.steps, self.max_new_tokens, self.eval_every, self.eval_size, self.save_every) > 0,
             "method must be opsd, sft or grpo": self.method in ("opsd", "sft", "grpo"),
+            "skip_tokens must be < max_new_tokens (no token left to train on)": self.skip_tokens < self.max_new_tokens,
             "off_policy samples from the fixed teacher's weights: it needs method opsd and teacher_decay 1": (
                 not self.off_policy or self.method == "opsd" and self.teacher_decay == 1),
             "grpo needs group_size >= 2 (one rollout has no advantage)": self.method != "grpo" or self.group_size > 1,
@@ -846,10 +847,8 @@ def train(cfg: Config) -> list[dict]:
         if model.device.type == "cuda":
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         log(row)
-        bar.set_postfix_str(" ".join(f"{name} {row[key]:{form}}" for name, key, form in (
-            ("loss", "loss", ".4f"), ("div", "divergence", ".4f"), ("entropy", "entropy", ".2f"),
-            ("clip", "clipped_mass", ".3f"), ("acc", "rollout_acc", ".0%"), ("len", "length", ".1f"),
-            ("cut", "truncated", ".0%"), ("tok/s", "tokens_per_s", ".0f")) if key in row))  # SFT: no divergence
+        shown = ("loss", "divergence", "entropy", "clipped_mass", "rollout_acc", "length", "truncated", "tokens_per_s")
+        bar.set_postfix_str(" ".join(f"{key} {row[key]:.3g}" for key in shown if key in row))  # SFT: no divergence
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             evaluate_and_log(step + 1)
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):

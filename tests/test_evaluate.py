@@ -230,5 +230,5 @@ def test_the_default_output_is_named_after_the_model_folder_and_the_threads_are_
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", "../models/mine", "--dataset", str(data),
                                       "--max_new_tokens", "2"])
     evaluate.main()
-    assert (tmp_path / "work" / "runs" / "eval" / "mine_test.jsonl").is_file()  # not '.._models_mine'
+    assert (tmp_path / "work" / "runs" / "eval" / "models_mine_test.jsonl").is_file()  # not '.._mine'
     assert re.search(r"\d CPU threads \(\d+ cores, load average \d+\.\d before this started\)", capsys.readouterr().out)

@@ -51,6 +51,7 @@ def test_help_lists_every_setting(capsys):
     (["--batch_size", "32", "--micro_batch_size", "5"], "multiple of micro_batch_size"),
     (["--steps", "ten"], "invalid int value: 'ten'"),
     (["--off_policy", "--teacher_decay", "0"], "off_policy samples from the fixed teacher's weights"),
+    (["--skip_tokens", "40"], "skip_tokens must be < max_new_tokens (no token left to train on)"),
 ])
 def test_bad_settings_are_rejected_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
