@@ -269,11 +269,11 @@ def main():
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # not on Windows
         torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - round(load))))
         print(f"{torch.get_num_threads()} CPU threads ({cores} cores, load average {load:.1f} before this started)")
-    Path(out).with_suffix(".scores.json").unlink(missing_ok=True)  # an earlier run's, until these are done
     try:  # bad input: one line that says what to do, no traceback, nothing written
         examples = load_examples(args.dataset, args.split, args.n, question_column=args.question_column,
                                  solution_column=args.solution_column, answer_column=args.answer_column)
         model, tokenizer = load_model(args.model, args.dtype, args.trust_remote_code)
+        Path(out).with_suffix(".scores.json").unlink(missing_ok=True)  # an earlier run's, until these are done
         scores = evaluate(model, tokenizer, examples, with_reference=args.with_reference, thinking=thinking,
                           samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
